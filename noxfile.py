@@ -45,4 +45,6 @@ def docs(session: nox.Session) -> None:
 def plugins(session: nox.Session) -> None:
     session.install(TORCH)
     session.install(TORCH, "-e", ".[dev]", *PLUGINS)
-    session.run("pytest", "-q", "tests/plugins", *[f"{p}tests" for p in PLUGINS if glob.glob(f"{p}tests")])
+    session.run(
+        "pytest", "-q", "tests/plugins", *[f"{p}tests" for p in PLUGINS if glob.glob(f"{p}tests")]
+    )

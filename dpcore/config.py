@@ -157,11 +157,11 @@ def config_schema() -> dict[str, Any]:
                     f"{kind}_{info.name}",
                     __base__=base,
                     __doc__=info.description or None,
-                    name=(Literal[info.name], ...),  # type: ignore[valid-type]
+                    name=(Literal[info.name], ...),  # type: ignore[valid-type,arg-type]
                 )
             )
-        annotation: Any = variants[0] if len(variants) == 1 else (
-            Any if not variants else _union(variants)
+        annotation: Any = (
+            variants[0] if len(variants) == 1 else (Any if not variants else _union(variants))
         )
         default = EngineConfig.model_fields[field].get_default(call_default_factory=True)
         fields[field] = (annotation, Field(default=default.model_dump()))
@@ -175,4 +175,4 @@ def config_schema() -> dict[str, Any]:
 def _union(variants: list[type[BaseModel]]) -> Any:
     from typing import Annotated, Union
 
-    return Annotated[Union[tuple(variants)], Field(discriminator="name")]  # noqa: UP007
+    return Annotated[Union[tuple(variants)], Field(discriminator="name")]

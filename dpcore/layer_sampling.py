@@ -21,7 +21,9 @@ def sq_norms_of(per_sample: Mapping[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
-def weighted_sums(per_sample: Mapping[str, Tensor], factors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def weighted_sums(
+    per_sample: Mapping[str, Tensor], factors: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
     """``Σ_i factors[name][i] · g_i`` for each ``[B, ...]`` tensor."""
     out = {}
     for name, g in per_sample.items():

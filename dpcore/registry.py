@@ -105,12 +105,25 @@ class Registry:
             version = dist.version if dist is not None else ""
             if ep.name in disabled:
                 reg._disabled.append(
-                    PluginInfo("?", ep.name, provider, version, ep.value, ep.name, status="disabled",
-                               error=f"disabled by {DISABLE_ENV}")
+                    PluginInfo(
+                        "?",
+                        ep.name,
+                        provider,
+                        version,
+                        ep.value,
+                        ep.name,
+                        status="disabled",
+                        error=f"disabled by {DISABLE_ENV}",
+                    )
                 )
                 continue
-            reg.load_plugin(ep.load, provider=provider, version=version,
-                            entry_point=ep.name, module_name=ep.value)
+            reg.load_plugin(
+                ep.load,
+                provider=provider,
+                version=version,
+                entry_point=ep.name,
+                module_name=ep.value,
+            )
         return reg
 
     def load_plugin(
@@ -134,10 +147,19 @@ class Registry:
                 hook(register=self._register_fn(kind, staged, provider, version, entry_point))
         except PluginConflictError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the rest
+        except Exception as exc:
             self._failed.append(
-                PluginInfo("?", entry_point, provider, version, module_name, entry_point,
-                           status="failed", error=_error_summary(exc), cause=exc)
+                PluginInfo(
+                    "?",
+                    entry_point,
+                    provider,
+                    version,
+                    module_name,
+                    entry_point,
+                    status="failed",
+                    error=_error_summary(exc),
+                    cause=exc,
+                )
             )
             return
         for info in staged:
@@ -170,9 +192,19 @@ class Registry:
                 raise PluginError(f"options of {kind} {name!r} must be a pydantic model class")
             module = getattr(obj, "__module__", None) or type(obj).__module__
             staged.append(
-                PluginInfo(kind, name, provider, version, module, entry_point, obj=obj,
-                           options=options, description=description or _first_line(obj),
-                           details=details, module_type=module_type)
+                PluginInfo(
+                    kind,
+                    name,
+                    provider,
+                    version,
+                    module,
+                    entry_point,
+                    obj=obj,
+                    options=options,
+                    description=description or _first_line(obj),
+                    details=details,
+                    module_type=module_type,
+                )
             )
 
         return register
@@ -255,13 +287,15 @@ class Registry:
                 lines.append(f"{kind}.{loc}: {err['msg']}")
             allowed = ", ".join(info.options.model_fields)
             raise ConfigError(
-                f"invalid options for {kind} {name!r} ({info.provider}): " + "; ".join(lines)
+                f"invalid options for {kind} {name!r} ({info.provider}): "
+                + "; ".join(lines)
                 + f". Its options are: {allowed or '(none)'}."
             ) from None
         return {k: getattr(model, k) for k in info.options.model_fields}
 
-    def create(self, kind: str, name: str, options: Mapping[str, Any] | None = None,
-               **runtime: Any) -> Any:
+    def create(
+        self, kind: str, name: str, options: Mapping[str, Any] | None = None, **runtime: Any
+    ) -> Any:
         """Instantiate a plugin: ``factory(**runtime, **validated_options)``."""
         info = self.get(kind, name)
         opts = self.validate_options(kind, name, options or {})

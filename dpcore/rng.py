@@ -28,7 +28,9 @@ def derive_seed(seed: int, purpose: str, rank: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def make_generator(seed: int, purpose: str, rank: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
+def make_generator(
+    seed: int, purpose: str, rank: int = 0, device: str | torch.device = "cpu"
+) -> torch.Generator:
     """A torch generator on ``device`` for one purpose of a seeded run."""
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(seed, purpose, rank))

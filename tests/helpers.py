@@ -9,13 +9,15 @@ import textwrap
 from pathlib import Path
 
 
-def write_distribution(root: Path, dist: str, package: str, entry_points: dict[str, str],
-                       code: str) -> Path:
+def write_distribution(
+    root: Path, dist: str, package: str, entry_points: dict[str, str], code: str
+) -> Path:
     """A minimal installable distribution exposing ``entry_points`` in group ``dpcore``."""
     src = root / dist
     (src / package).mkdir(parents=True)
     eps = "\n".join(f'{name} = "{target}"' for name, target in entry_points.items())
-    (src / "pyproject.toml").write_text(textwrap.dedent(f"""\
+    (src / "pyproject.toml").write_text(
+        textwrap.dedent(f"""\
         [build-system]
         requires = ["setuptools>=68"]
         build-backend = "setuptools.build_meta"
@@ -25,7 +27,10 @@ def write_distribution(root: Path, dist: str, package: str, entry_points: dict[s
         version = "1.2.3"
 
         [project.entry-points.dpcore]
-        """) + eps + "\n")
+        """)
+        + eps
+        + "\n"
+    )
     (src / package / "__init__.py").write_text(textwrap.dedent(code))
     return src
 
@@ -33,8 +38,19 @@ def write_distribution(root: Path, dist: str, package: str, entry_points: dict[s
 def pip_install_into(target: Path, *sources: Path) -> None:
     """``pip install --target`` so the test never changes the shared environment."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), *map(str, sources)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            *map(str, sources),
+        ],
         check=True,
     )
 

@@ -47,6 +47,7 @@ def test_config_schema_is_json_schema():
 
 
 def test_module_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "dpcore", "--version"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "dpcore", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("dpcore ")

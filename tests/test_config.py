@@ -28,10 +28,13 @@ def _plugin():
     }
     module = types.SimpleNamespace()
     for kind, ns in names.items():
+
         def hook(register, ns=ns, kind=kind):
             for n in ns:
-                register(n, object, options=PRVOptions if n == "prv" else None,
-                         description=f"{kind} {n}")
+                register(
+                    n, object, options=PRVOptions if n == "prv" else None, description=f"{kind} {n}"
+                )
+
         setattr(module, HOOK_FOR_KIND[kind], hookimpl(hook))
     return module
 
@@ -47,9 +50,9 @@ def registry(monkeypatch):
 def test_toml_round_trip(registry, tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(
-        'noise_multiplier = 1.1\nmax_grad_norm = 1.0\ndelta = 1e-5\nseed = 0\n'
+        "noise_multiplier = 1.1\nmax_grad_norm = 1.0\ndelta = 1e-5\nseed = 0\n"
         'grad_sampler = { name = "bk" }\naccountant = { name = "prv", eps_error = 0.05 }\n'
-        '[train]\nepochs = 3\n'
+        "[train]\nepochs = 3\n"
     )
     cfg = EngineConfig.from_toml(path)
     assert cfg.grad_sampler.name == "bk"
@@ -70,7 +73,9 @@ def test_unknown_top_level_key(registry):
 
 def test_plugin_option_typo_names_plugin_field(registry):
     with pytest.raises(ValidationError) as exc:
-        EngineConfig.from_dict({"noise_multiplier": 1.0, "accountant": {"name": "prv", "eps_eror": 1}})
+        EngineConfig.from_dict(
+            {"noise_multiplier": 1.0, "accountant": {"name": "prv", "eps_eror": 1}}
+        )
     msg = str(exc.value)
     assert "accountant: invalid options for accountant 'prv'" in msg
     assert "accountant.eps_eror: Extra inputs are not permitted" in msg
@@ -88,8 +93,10 @@ def test_unknown_plugin_lists_known(registry):
     "data, message",
     [
         ({}, "exactly one of noise_multiplier and target_epsilon"),
-        ({"noise_multiplier": 1.0, "target_epsilon": 3.0, "epochs": 2},
-         "exactly one of noise_multiplier and target_epsilon"),
+        (
+            {"noise_multiplier": 1.0, "target_epsilon": 3.0, "epochs": 2},
+            "exactly one of noise_multiplier and target_epsilon",
+        ),
         ({"target_epsilon": 3.0}, "target_epsilon needs epochs"),
         ({"noise_multiplier": 1.0, "max_grad_norm": -1.0}, "max_grad_norm must be positive"),
         ({"noise_multiplier": 1.0, "delta": 2.0}, "less than 1"),

@@ -16,7 +16,6 @@ from dpcore.errors import (
 )
 from dpcore.protocols import KINDS
 from dpcore.registry import Registry, get_registry
-
 from helpers import entry_points_in, pip_install_into, write_distribution
 
 GOOD = """
@@ -118,8 +117,12 @@ def test_disable_env_blocks_entry_points(installed, monkeypatch):
 
 def test_unknown_name_lists_known_and_closest():
     reg = Registry()
-    reg.load_plugin(lambda: _plugin_with("accountant", ["rdp", "prv", "gdp"]),
-                    provider="p", entry_point="e", module_name="m")
+    reg.load_plugin(
+        lambda: _plugin_with("accountant", ["rdp", "prv", "gdp"]),
+        provider="p",
+        entry_point="e",
+        module_name="m",
+    )
     with pytest.raises(UnknownPluginError) as exc:
         reg.get("accountant", "rpd")
     assert str(exc.value) == (
@@ -138,8 +141,12 @@ def test_bad_options_name_the_plugin_fields():
         eps_error: float = 0.01
 
     reg = Registry()
-    reg.load_plugin(lambda: _plugin_with("accountant", ["prv"], Options),
-                    provider="p", entry_point="e", module_name="m")
+    reg.load_plugin(
+        lambda: _plugin_with("accountant", ["prv"], Options),
+        provider="p",
+        entry_point="e",
+        module_name="m",
+    )
     with pytest.raises(ConfigError) as exc:
         reg.create("accountant", "prv", {"eps_eror": 0.1})
     assert str(exc.value) == (

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import entry_points_in, pip_install_into
+import tomllib
 
 from dpcore.registry import Registry, get_registry
+from helpers import entry_points_in, pip_install_into
 
 ROOT = Path(__file__).resolve().parents[2]
 DISTRIBUTIONS = sorted(p for p in (ROOT / "plugins").glob("*") if (p / "pyproject.toml").is_file())
