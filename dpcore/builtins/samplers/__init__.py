@@ -7,4 +7,7 @@ from dpcore.hookspecs import Register, hookimpl
 
 @hookimpl
 def dpcore_register_samplers(register: Register) -> None:
-    pass
+    from .distributed import DistributedPoissonOptions, distributed_poisson
+
+    register("distributed_poisson", distributed_poisson, options=DistributedPoissonOptions,
+             description="each rank's shard of one Poisson sample at the global rate")

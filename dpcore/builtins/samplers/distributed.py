@@ -1,0 +1,160 @@
+"""``distributed_poisson``: each rank's shard of one Poisson sample of the whole data set.
+
+Rank ``r`` of ``W`` considers the indices ``range(r, N, W)`` and includes each one
+independently with the *global* rate ``q``, so the union over ranks is a Poisson
+sample of all ``N`` examples at rate ``q`` -- the event the accountant composes.
+
+Every step draws one uniform number per example of the *whole* data set from a
+stream that all ranks share (rank 0's, broadcast at construction), and rank ``r``
+keeps its slice ``[r::W]``. The cost is that of a single-process Poisson sampler,
+and it buys three things:
+
+* the state of rank 0 (the only rank that writes checkpoints) restores every rank
+  exactly;
+* resuming with another world size re-shards exactly: the global batches are the
+  same whatever the number of ranks;
+* with one rank it is an ordinary Poisson sampler, so a distributed run can be
+  compared batch for batch with a single-process one.
+
+Inclusion stays independent per example whether or not the streams are shared,
+since every example has its own uniform number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+
+from dpcore.errors import ConfigError, DistributedError
+
+
+class DistributedPoissonOptions(BaseModel):
+    """Options of the ``distributed_poisson`` sampler."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps_per_epoch: int | None = Field(
+        default=None, gt=0, description="batches per epoch; default round(1 / sample_rate)"
+    )
+
+
+class DistributedPoissonSampler:
+    """Each rank's shard of a Poisson sample (global rate ``q``) of the whole data set."""
+
+    min_separation = 1
+    dp_exact = True
+
+    def __init__(
+        self,
+        *,
+        num_samples: int,
+        sample_rate: float,
+        generator: torch.Generator,
+        rank: int = 0,
+        world_size: int = 1,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        if num_samples <= 0:
+            raise ConfigError(
+                f"distributed_poisson needs a non-empty data set, got {num_samples} samples"
+            )
+        if not 0.0 < sample_rate <= 1.0:
+            raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DistributedError(f"invalid rank {rank} for world size {world_size}")
+        self.num_samples = num_samples
+        self.sample_rate = float(sample_rate)
+        self.rank = rank
+        self.world_size = world_size
+        self.steps_per_epoch = steps_per_epoch or max(1, round(1.0 / sample_rate))
+        self.generator = generator
+        self.epoch = 0
+        self.position = 0
+        self._share_stream()
+
+    def _share_stream(self) -> None:
+        # All ranks draw from rank 0's stream (see the module docstring). Only when
+        # the process group matches the declared world size: a sampler built for a
+        # rank in a single process (tests, tools) keeps the generator it was given.
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise DistributedError(
+                f"distributed_poisson was built for rank {self.rank} of {self.world_size}, "
+                f"but this process is rank {dist.get_rank()} of {dist.get_world_size()}"
+            )
+        from dpcore.distributed import broadcast_object
+
+        state = broadcast_object(self.generator.get_state(), src=0)
+        self.generator.set_state(state)
+
+    # -- sampling --------------------------------------------------------------------
+    def _draw(self) -> list[int]:
+        keep = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+        global_indices = keep.nonzero().flatten()
+        mine = global_indices[global_indices % self.world_size == self.rank]
+        return mine.tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while self.position < self.steps_per_epoch:
+            batch = self._draw()
+            self.position += 1
+            yield batch
+        self.epoch += 1
+        self.position = 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    @property
+    def expected_batch_size(self) -> float:
+        """Global expected batch size ``q * N`` (over all ranks)."""
+        return self.sample_rate * self.num_samples
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_samples": self.num_samples,
+            "sample_rate": self.sample_rate,
+            "steps_per_epoch": self.steps_per_epoch,
+            # informative only: the global batches do not depend on it
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("num_samples", "sample_rate", "steps_per_epoch"):
+            if key in state and state[key] != getattr(self, key):
+                raise ConfigError(
+                    f"distributed_poisson state has {key}={state[key]!r} but this sampler has "
+                    f"{getattr(self, key)!r}; resume with the same data set and sample rate"
+                )
+        self.generator.set_state(state["generator"])
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+
+def distributed_poisson(
+    *,
+    num_samples: int,
+    sample_rate: float,
+    generator: torch.Generator,
+    rank: int = 0,
+    world_size: int = 1,
+    steps_per_epoch: int | None = None,
+) -> DistributedPoissonSampler:
+    """Each rank's shard of one Poisson sample of the whole data set at the global rate."""
+    return DistributedPoissonSampler(
+        num_samples=num_samples,
+        sample_rate=sample_rate,
+        generator=generator,
+        rank=rank,
+        world_size=world_size,
+        steps_per_epoch=steps_per_epoch,
+    )
