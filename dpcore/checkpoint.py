@@ -1,0 +1,389 @@
+"""Checkpoints of a private training run: exact, atomic and safe to load.
+
+A checkpoint holds everything a resumed run needs to continue *as if it had
+never stopped*: the unwrapped model's weights, the inner optimizer's state, the
+engine's state (accountant history, clipper, noise, sampler position, seeded
+generators, step and epoch counters, configuration), an LR scheduler, torch's
+global random state (dropout) and any extra plain data the caller passes.
+
+* **Atomic**: written to a temporary file in the same directory, flushed to
+  disk, then renamed over the target, so a process killed mid-write leaves the
+  previous checkpoint intact.
+* **Safe**: only plain data (tensors, numbers, strings, lists, dicts) is stored
+  and files are read with ``torch.load(weights_only=True)``; a file carrying
+  pickled objects is refused instead of executed.
+* **Checked**: a checkpoint whose privacy configuration differs from the
+  engine's is refused with the differences named, unless the caller passes
+  ``allow_config_change=True``; the accountant then composes both phases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+#: Bumped whenever the layout of a checkpoint file changes incompatibly.
+FORMAT_VERSION = 1
+_MAGIC = "dpcore_checkpoint"
+
+#: Engine-state entries that decide the privacy guarantee; a resumed run must agree on
+#: them (or the caller must say that the change is intended).
+PRIVACY_STATE_KEYS = ("sample_rate", "noise_multiplier", "num_samples", "world_size")
+#: Config entries compared as well (components with their options, clipping bound).
+PRIVACY_CONFIG_KEYS = ("max_grad_norm", "clipper", "noise", "sampler", "accountant")
+
+
+# ----------------------------------------------------------------------------------------
+# Ranks: the one place that decides who writes
+# ----------------------------------------------------------------------------------------
+def is_main_process() -> bool:
+    """Only rank 0 writes checkpoints, metrics and final models (``dpcore train`` asks
+    this function too)."""
+    from .distributed import rank
+
+    return rank() == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Atomic, safe file IO
+# ----------------------------------------------------------------------------------------
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj)`` to ``path`` so that readers see the old file or the new one,
+    never a partial one (temp file in the same directory, fsync, rename, fsync dir)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is only durable once the directory entry is on disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def safe_load(path: str | os.PathLike[str]) -> Any:
+    """Read a file written by :func:`atomic_save` without running any code from it."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {str(p)!r}: it contains pickled objects, not only plain data "
+            "(tensors, numbers, strings, lists, dicts). dpcore checkpoints never do; a file "
+            "like this can run code when unpickled, so do not load it with weights_only=False "
+            f"unless you trust its source. ({_first_line(exc)})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint {str(p)!r}: the file is truncated or corrupted "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and validate the layout of a dpcore checkpoint (no engine needed)."""
+    data = safe_load(path)
+    if not isinstance(data, dict) or _MAGIC not in data:
+        raise CheckpointError(f"{str(path)!r} is not a dpcore checkpoint")
+    version = data[_MAGIC]
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint format {version}; this dpcore reads format "
+            f"{FORMAT_VERSION}. Load it with the dpcore version that wrote it."
+        )
+    for key in ("engine", "module"):
+        if key not in data:
+            raise CheckpointError(f"{str(path)!r} is incomplete: it has no {key!r} entry")
+    return data
+
+
+# ----------------------------------------------------------------------------------------
+# Unwrapping
+# ----------------------------------------------------------------------------------------
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The user's own module inside dpcore/DDP wrappers (parameters named as the user
+    named them)."""
+    seen = 0
+    while seen < 16:
+        inner = getattr(module, "_module", None)
+        if isinstance(inner, nn.Module):
+            module = inner
+        elif isinstance(module, nn.parallel.DistributedDataParallel) or (
+            type(module).__name__ in {"DPDDP", "DistributedDataParallel"}
+            and isinstance(getattr(module, "module", None), nn.Module)
+        ):
+            module = module.module
+        else:
+            return module
+        seen += 1
+    return module
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The inner torch optimizer of a DP optimizer (or the optimizer itself)."""
+    for attr in ("original_optimizer", "inner", "optimizer"):
+        inner = getattr(optimizer, attr, None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
+            return inner
+    return optimizer
+
+
+# ----------------------------------------------------------------------------------------
+# Global random state (dropout and other module-level randomness)
+# ----------------------------------------------------------------------------------------
+def _global_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_global_rng_state(state: Mapping[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ----------------------------------------------------------------------------------------
+# Privacy configuration check
+# ----------------------------------------------------------------------------------------
+def privacy_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two engine states' privacy configuration."""
+    diffs = []
+    for key in PRIVACY_STATE_KEYS:
+        a, b = saved.get(key), current.get(key)
+        if a is not None and b is not None and not _same(a, b):
+            diffs.append(f"{key}: checkpoint {a!r}, engine {b!r}")
+    saved_cfg = saved.get("config") or {}
+    current_cfg = current.get("config") or {}
+    for key in PRIVACY_CONFIG_KEYS:
+        if key in saved_cfg and key in current_cfg and not _same(saved_cfg[key], current_cfg[key]):
+            diffs.append(f"{key}: checkpoint {saved_cfg[key]!r}, engine {current_cfg[key]!r}")
+    return diffs
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(a)))
+        except (TypeError, ValueError):
+            return False
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+# ----------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------
+def build_checkpoint(
+    engine: Any,
+    *,
+    module: nn.Module,
+    optimizer: Any,
+    data_loader: Any = None,
+    lr_scheduler: Any = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The checkpoint as a plain dict (what :func:`save_checkpoint` writes)."""
+    from . import __version__
+
+    checkpoint: dict[str, Any] = {
+        _MAGIC: FORMAT_VERSION,
+        "dpcore_version": __version__,
+        "engine": engine.state_dict(),
+        "module": unwrap_module(module).state_dict(),
+        "optimizer": unwrap_optimizer(optimizer).state_dict() if optimizer is not None else None,
+        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "rng": _global_rng_state(),
+        "extra": dict(extra),
+    }
+    loader_state = _loader_state(data_loader)
+    if loader_state is not None:
+        checkpoint["data_loader"] = loader_state
+    return checkpoint
+
+
+def _loader_state(data_loader: Any) -> dict[str, Any] | None:
+    """State of a stateful data loader that the engine does not already track."""
+    if data_loader is None:
+        return None
+    state_dict = getattr(data_loader, "state_dict", None)
+    return state_dict() if callable(state_dict) else None
+
+
+def save_checkpoint(
+    engine: Any,
+    *,
+    path: str | os.PathLike[str],
+    module: nn.Module,
+    optimizer: Any,
+    data_loader: Any = None,
+    lr_scheduler: Any = None,
+    **extra: Any,
+) -> Path | None:
+    """Write a checkpoint atomically; returns its path (``None`` on ranks other than 0,
+    which write nothing).
+
+    ``extra`` is stored as is and returned by :func:`load_checkpoint`; it must be
+    plain data (numbers, strings, lists, dicts, tensors).
+    """
+    if not is_main_process():
+        return None
+    checkpoint = build_checkpoint(
+        engine,
+        module=module,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        lr_scheduler=lr_scheduler,
+        **extra,
+    )
+    return atomic_save(checkpoint, path)
+
+
+def load_checkpoint(
+    engine: Any,
+    *,
+    path: str | os.PathLike[str],
+    module: nn.Module,
+    optimizer: Any = None,
+    data_loader: Any = None,
+    lr_scheduler: Any = None,
+    allow_config_change: bool = False,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore a checkpoint into ``module`` (wrapped or not), ``optimizer`` (DP or the
+    plain one, before ``make_private``), the engine and the scheduler.
+
+    Returns the ``extra`` data saved with it.
+
+    Raises :class:`~dpcore.errors.CheckpointError` if the file is unreadable or unsafe,
+    or if its privacy configuration differs from the engine's and
+    ``allow_config_change`` is False. With ``allow_config_change=True`` the saved
+    accountant history is kept and later steps are composed onto it, so
+    ``engine.get_epsilon`` covers both phases.
+    """
+    data = read_checkpoint(path)
+    saved_engine: dict[str, Any] = data["engine"]
+    current = _engine_state_or_none(engine)
+    if current is not None:
+        diffs = privacy_differences(saved_engine, current)
+        if diffs and not allow_config_change:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written with a different privacy configuration:\n  "
+                + "\n  ".join(diffs)
+                + "\nResume with the same configuration, or pass allow_config_change=True "
+                "(CLI: --allow-config-change) to continue under the new one; the accountant then "
+                "composes the privacy spent in both phases."
+            )
+        engine_state = merge_changed_config(saved_engine, current) if diffs else saved_engine
+    else:
+        engine_state = saved_engine
+
+    target = unwrap_module(module)
+    try:
+        target.load_state_dict(data["module"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit this model: {_first_line(exc)}"
+        ) from None
+    if optimizer is not None and data.get("optimizer") is not None:
+        unwrap_optimizer(optimizer).load_state_dict(data["optimizer"])
+    if lr_scheduler is not None and data.get("lr_scheduler") is not None:
+        lr_scheduler.load_state_dict(data["lr_scheduler"])
+    engine.load_state_dict(engine_state)
+    loader_state = data.get("data_loader")
+    if data_loader is not None and loader_state is not None:
+        load = getattr(data_loader, "load_state_dict", None)
+        if callable(load):
+            load(loader_state)
+    if restore_rng and data.get("rng"):
+        _set_global_rng_state(data["rng"])
+    return dict(data.get("extra") or {})
+
+
+def _engine_state_or_none(engine: Any) -> dict[str, Any] | None:
+    """The engine's current state, or None if it has not been configured yet (loading
+    before ``make_private``: the engine then checks the configuration when it is made
+    private)."""
+    try:
+        state = engine.state_dict()
+    except Exception:
+        return None
+    if not state or state.get("sample_rate") is None:
+        return None
+    return state
+
+
+def merge_changed_config(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """Engine state for a run that continues a checkpoint under a new privacy configuration.
+
+    Kept from the checkpoint: the accountant history (so epsilon composes both phases),
+    step and epoch counters, and the seeded generators. Kept from the new engine: the
+    configuration and the state of every component whose configuration changed.
+    """
+    merged = dict(current)
+    for key in ("steps", "epoch", "generators"):
+        if key in saved:
+            merged[key] = saved[key]
+    saved_cfg = saved.get("config") or {}
+    current_cfg = current.get("config") or {}
+    for key in ("clipper", "noise", "sampler"):
+        if key in saved and _same(saved_cfg.get(key), current_cfg.get(key)):
+            if key == "sampler" and not all(
+                _same(saved.get(k), current.get(k)) for k in ("sample_rate", "num_samples", "world_size")
+            ):
+                continue  # the sampler's position means nothing at another rate or size
+            merged[key] = saved[key]
+    merged["accountant"] = _composed_accountant_state(saved, current)
+    return merged
+
+
+def _composed_accountant_state(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Any:
+    saved_acc = saved.get("accountant") or {}
+    current_acc = dict(current.get("accountant") or {})
+    history = list(saved_acc.get("history", [])) + list(current_acc.get("history", []))
+    current_acc["history"] = history
+    return current_acc

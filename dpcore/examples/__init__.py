@@ -1,0 +1,1 @@
+"""Built-in examples used by ``dpcore train`` when no config is given."""
