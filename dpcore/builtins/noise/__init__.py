@@ -7,4 +7,8 @@ from dpcore.hookspecs import Register, hookimpl
 
 @hookimpl
 def dpcore_register_noise_mechanisms(register: Register) -> None:
-    pass
+    from .bandmf import DETAILS as BANDMF_DETAILS
+    from .bandmf import BandMFNoise, BandMFOptions
+
+    register("bandmf", BandMFNoise, options=BandMFOptions, details=BANDMF_DETAILS,
+             description="banded matrix-factorisation noise, correlated across steps (BandMF)")
