@@ -11,3 +11,9 @@ def dpcore_register_samplers(register: Register) -> None:
 
     register("distributed_poisson", distributed_poisson, options=DistributedPoissonOptions,
              description="each rank's shard of one Poisson sample at the global rate")
+    from .cyclic import DETAILS as CYCLIC_DETAILS
+    from .cyclic import CyclicPoissonOptions, CyclicPoissonSampler
+
+    register("cyclic_poisson", CyclicPoissonSampler, options=CyclicPoissonOptions,
+             details=CYCLIC_DETAILS,
+             description="Poisson sampling from one of k fixed groups in turn (for bandmf)")
