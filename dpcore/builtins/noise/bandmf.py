@@ -91,20 +91,18 @@ class BandMFNoise:
             )
         keep = self.bands - 1
         for name, grad in grads.items():
-            z = (
-                standard_normal(
-                    grad.shape, generator=generator, device=grad.device, secure=self.secure
-                )
-                * std
+            z = standard_normal(
+                grad.shape, generator=generator, device=grad.device, secure=self.secure
             )
+            if keep == 0:  # one band: exactly gaussian's arithmetic, whatever the dtype
+                grad.add_(z.to(dtype=grad.dtype) * std)
+                self._history[name] = []
+                continue
             past = self._history.get(name, [])
             if past and past[0].device != grad.device:
                 past = [p.to(grad.device) for p in past]
-            x = banded_step(z, past, self.coefs)
-            if keep:
-                self._history[name] = [x, *past][:keep]
-            else:
-                self._history[name] = []
+            x = banded_step(z * std, past, self.coefs)  # float32 whatever the training dtype
+            self._history[name] = [x, *past][:keep]
             grad.add_(x.to(grad.dtype))
         self.step += 1
 
