@@ -1,0 +1,1 @@
+"""One-run privacy auditing: estimators, canaries in the pipeline, and reports."""
