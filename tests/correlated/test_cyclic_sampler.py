@@ -114,3 +114,18 @@ def test_resume_mid_epoch_is_exact() -> None:
 def test_epoch_length_matches_poisson() -> None:
     assert len(cyclic(1000, 0.01, cycle_length=8)) == 100
     assert [len(b) for b in cyclic(10, 1 / 3, cycle_length=3)] != []
+
+
+def test_state_is_epoch_start_plus_position_like_a_snapshotting_loader_writes() -> None:
+    full = run(cyclic(150, 0.05, seed=9, cycle_length=3), 2)
+    sampler = cyclic(150, 0.05, seed=9, cycle_length=3)
+    first_epoch = list(sampler)
+    snapshot = dict(sampler.state_dict())  # start of epoch 2, as a loader would take it
+    it = iter(sampler)
+    delivered = [next(it) for _ in range(7)]
+    snapshot["position"] = 7  # what the loader adds: batches delivered this epoch
+    assert snapshot["position"] == sampler.state_dict()["position"]
+    assert torch.equal(snapshot["generator"], sampler.state_dict()["generator"])
+    resumed = cyclic(150, 0.05, seed=1, cycle_length=3)
+    resumed.load_state_dict(snapshot)
+    assert first_epoch + delivered + list(resumed) == full

@@ -77,11 +77,15 @@ class CyclicPoissonSampler:
         self._explicit = cycle_length is not None
         self._cycle_length = int(cycle_length) if cycle_length is not None else 1
         self.epoch = 0
-        self.position = 0
-        self.step = 0
+        self.position = 0  # batches drawn in this epoch
+        self._first_step = 0  # run-wide index of this epoch's first step
         self._groups: list[torch.Tensor] | None = None
         self._check_rate()
         self._share_stream()
+        # The state is (generator at the start of the epoch, position): the form a data
+        # loader that snapshots at the epoch start and counts delivered batches also writes.
+        self._epoch_start = self.generator.get_state()
+        self._replay = 0  # batches to redraw after loading a state
 
     def _share_stream(self) -> None:
         # Like distributed_poisson: every rank draws from rank 0's stream and keeps its own
@@ -120,7 +124,7 @@ class CyclicPoissonSampler:
         """
         if self._explicit or min_separation == self._cycle_length:
             return
-        if self.step > 0:
+        if self.step > 0 or self.epoch > 0:
             raise ConfigError("cyclic_poisson: the cycle length cannot change once sampling began")
         self._cycle_length = int(min_separation)
         self._groups = None
@@ -156,32 +160,50 @@ class CyclicPoissonSampler:
         return self.batch_rate * self.num_samples
 
     # -- sampling -------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Run-wide index of the next step (its group is ``step mod cycle_length``)."""
+        return self._first_step + self.position
+
     def __len__(self) -> int:
         return max(1, round(1 / self.batch_rate))
 
+    def _draw(self, step: int) -> list[int]:
+        group = self._members()[step % self._cycle_length]
+        chosen = group[torch.rand(len(group), generator=self.generator) < self.sample_rate]
+        return chosen[chosen % self.world_size == self.rank].tolist()
+
+    def _next_epoch(self) -> None:
+        self._first_step += len(self)
+        self.epoch += 1
+        self.position = 0
+        self._epoch_start = self.generator.get_state()
+
     def __iter__(self) -> Iterator[list[int]]:
+        if self._replay:  # after load_state_dict: redraw this epoch's first batches
+            self.generator.set_state(self._epoch_start)
+            for step in range(self._first_step, self._first_step + self._replay):
+                self._draw(step)
+            self._replay = 0
         if self.position >= len(self):
-            self.position = 0
-            self.epoch += 1
-        members = self._members()
-        p = self.sample_rate
+            self._next_epoch()
         while self.position < len(self):
-            group = members[self.step % self._cycle_length]
-            chosen = group[torch.rand(len(group), generator=self.generator) < p]
+            batch = self._draw(self.step)
             self.position += 1
-            self.step += 1
-            yield chosen[chosen % self.world_size == self.rank].tolist()
+            yield batch
+        self._next_epoch()
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "generator": self.generator.get_state(),
+            "generator": self._epoch_start.clone(),
             "epoch": self.epoch,
             "position": self.position,
-            "step": self.step,
+            "first_step": self._first_step,
             "cycle_length": self._cycle_length,
             "partition_seed": self.partition_seed,
             "num_samples": self.num_samples,
+            "world_size": self.world_size,  # informative: the global batches do not depend on it
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -192,7 +214,9 @@ class CyclicPoissonSampler:
                     f"has {getattr(self, key)}; resume with the same data set and sampler "
                     "options (otherwise examples could participate closer than the cycle)"
                 )
-        self.generator.set_state(state["generator"])
+        self._epoch_start = state["generator"].clone()
+        self.generator.set_state(self._epoch_start)
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
-        self.step = int(state["step"])
+        self._first_step = int(state["first_step"])
+        self._replay = self.position
