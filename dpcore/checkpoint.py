@@ -373,7 +373,8 @@ def merge_changed_config(saved: Mapping[str, Any], current: Mapping[str, Any]) -
     for key in ("clipper", "noise", "sampler"):
         if key in saved and _same(saved_cfg.get(key), current_cfg.get(key)):
             if key == "sampler" and not all(
-                _same(saved.get(k), current.get(k)) for k in ("sample_rate", "num_samples", "world_size")
+                _same(saved.get(k), current.get(k))
+                for k in ("sample_rate", "num_samples", "world_size")
             ):
                 continue  # the sampler's position means nothing at another rate or size
             merged[key] = saved[key]
