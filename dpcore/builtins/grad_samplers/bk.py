@@ -1,0 +1,68 @@
+"""``bk``: book-keeping fast clipping in one backward pass.
+
+The user's loop is unchanged (``loss.backward(); optimizer.step()``). During the
+backward pass each tapped layer returns only its input gradient and keeps its
+activation ``a`` and output gradient ``g``; autograd never forms the unclipped
+weight gradients. At clipping time each layer's layer grad sampler computes the
+per-sample norms (ghost norm or instantiation, whichever is cheaper for that
+call) and then the clipped sum ``aᵀ diag(c) g`` directly.
+
+Memory: the output gradients of the trainable layers are kept until the
+optimizer flushes the batch (at ``step()`` or at the next forward), on top of the
+activations autograd keeps anyway. Use ``ghost`` when that does not fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from dpcore.bookkeeping import BookkeepingSampler
+from dpcore.hookspecs import Register
+
+
+class BookKeepingGradSampler(BookkeepingSampler):
+    """Book-keeping: one backward pass, per-sample norms and clipped sums per layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._norms: dict[str, Tensor] | None = None
+
+    def has_pending(self) -> bool:
+        return any(unit.calls for unit in self.units)
+
+    def per_sample_sq_norms(self) -> dict[str, Tensor]:
+        if self._norms is None:
+            self._materialised = {}
+            norms: dict[str, Tensor] = {}
+            for unit in self.units:
+                if unit.calls:
+                    norms.update(self._unit_sq_norms(unit))
+            norms.update(self._materialised_sq_norms())
+            self._norms = self._complete(norms)
+        return self._norms
+
+    def clipped_sums(self, factors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self._norms is None:  # the materialised contributions are formed there
+            self.per_sample_sq_norms()
+        sums: dict[str, Tensor] = {}
+        for unit in self.units:
+            if unit.calls:
+                sums.update(self._unit_clipped_sums(unit, factors))
+        sums.update(self._materialised_clipped_sums(factors))
+        out = self._complete_sums(sums)
+        self.clear()
+        return out
+
+    def clear(self) -> None:
+        super().clear()
+        self._norms = None
+
+
+def register_grad_samplers(register: Register) -> None:
+    register(
+        "bk",
+        BookKeepingGradSampler,
+        description="book-keeping fast clipping: one backward pass, no per-sample gradients",
+    )
