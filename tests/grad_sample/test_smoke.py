@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _ref import microbatch_grads, sampler_grads
+from grad_sample._ref import microbatch_grads, sampler_grads
 from torch import nn
 
 
