@@ -100,17 +100,32 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        reason = _unpickling_reason(exc)
+        if "GLOBAL" in reason:
+            raise CheckpointError(
+                f"refused to load {str(p)!r}: it contains pickled objects, not only plain data "
+                "(tensors, numbers, strings, lists, dicts). dpcore checkpoints never do; such a "
+                "file can run code when unpickled, so do not load it with weights_only=False "
+                f"unless you trust its source. ({reason})"
+            ) from None
         raise CheckpointError(
-            f"refused to load {str(p)!r}: it contains pickled objects, not only plain data "
-            "(tensors, numbers, strings, lists, dicts). dpcore checkpoints never do; a file "
-            "like this can run code when unpickled, so do not load it with weights_only=False "
-            f"unless you trust its source. ({_first_line(exc)})"
+            f"refused to load {str(p)!r}: it is corrupted or not a checkpoint of plain data "
+            f"written by torch.save ({reason})"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(
             f"cannot read checkpoint {str(p)!r}: the file is truncated or corrupted "
             f"({type(exc).__name__}: {_first_line(exc)})"
         ) from None
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """The informative line of torch's weights-only unpickler error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return line
+    return lines[0] if lines else type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
