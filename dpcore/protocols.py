@@ -227,6 +227,11 @@ class Sampler(Protocol):
     ``min_separation`` steps, which is exact for independent noise and for banded
     noise with no more bands than the separation.
     ``dp_exact`` is False for samplers whose accounting is only an approximation.
+
+    Optional: ``require_separation(n)``. If a sampler has it, the engine calls it with
+    the noise mechanism's ``min_separation`` before checking compatibility, so the
+    sampler can adopt it as a default (``cyclic_poisson``'s cycle length defaults to
+    the number of bands); the check still refuses a separation below ``n``.
     """
 
     sample_rate: float
