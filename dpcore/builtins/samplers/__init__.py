@@ -7,6 +7,13 @@ from dpcore.hookspecs import Register, hookimpl
 
 @hookimpl
 def dpcore_register_samplers(register: Register) -> None:
+    from .poisson import PoissonOptions, PoissonSampler
+    from .shuffle import ShuffleSampler
+
+    register("poisson", PoissonSampler, options=PoissonOptions,
+             description="each example included independently with probability q")
+    register("shuffle", ShuffleSampler,
+             description="fixed-size shuffled batches; accounting is only an approximation")
     from .distributed import DistributedPoissonOptions, distributed_poisson
 
     register("distributed_poisson", distributed_poisson, options=DistributedPoissonOptions,

@@ -1,0 +1,365 @@
+"""The DP optimizer: one implementation of the DP-SGD pipeline over any torch optimizer.
+
+For every backward pass ("flush")::
+
+    sq_norms = grad_sampler.per_sample_sq_norms()
+    factors  = clipper.clip_factors(sq_norms)
+    summed  += grad_sampler.clipped_sums(factors)
+
+and at ``step()``::
+
+    [distributed: rank 0 adds the noise, then one all-reduce of the sums]
+    noise.add_noise(summed, std=clipper.gradient_noise_multiplier(σ) · clipper.sensitivity())
+    noise hooks(noised, step)
+    p.grad = noised / expected_batch_size        (loss_reduction="mean")
+    clipper.end_step(...); inner optimizer step; step hooks (the engine accounts here)
+
+Flushing per backward pass keeps at most one physical batch of activations alive,
+whatever the accumulation pattern: each sample is clipped in the pass it took
+part in and only clipped sums are kept.
+
+:class:`DPOptimizer` is a :class:`torch.optim.Optimizer` that *shares*
+``param_groups``, ``state`` and ``defaults`` with the optimizer it wraps, so LR
+schedulers, ``optimizer.param_groups[0]["lr"] = ...`` and the inner optimizer's
+``state_dict()`` all keep working.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from . import distributed as _dist
+from .errors import GradSampleError, PrivacyEngineError
+from .protocols import Clipper, GradSampler, LossReduction, NoiseMechanism
+
+NoiseHook = Callable[[dict[str, Tensor], int], None]
+StepHook = Callable[["DPOptimizer"], None]
+
+
+class DPOptimizer(Optimizer):
+    """Clips, noises and rescales gradients, then steps the wrapped optimizer.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over (a subset of) the module's parameters.
+        grad_sampler: an attached :class:`~dpcore.protocols.GradSampler`.
+        clipper: a :class:`~dpcore.protocols.Clipper`.
+        noise: a :class:`~dpcore.protocols.NoiseMechanism`.
+        noise_multiplier: σ, as the accountant sees it.
+        expected_batch_size: expected number of samples per step over all ranks (q·N);
+            the noised sum is divided by it when ``loss_reduction="mean"``.
+        noise_generator: random source of the noise (``None``: torch's default one).
+        clipper_generator: random source of private clipper statistics (adaptive clipping).
+        module: the user's (unwrapped) module, only used to name parameters in errors.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        grad_sampler: GradSampler,
+        clipper: Clipper,
+        noise: NoiseMechanism,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        loss_reduction: LossReduction = "mean",
+        noise_generator: torch.Generator | None = None,
+        clipper_generator: torch.Generator | None = None,
+        module: nn.Module | None = None,
+    ) -> None:
+        if isinstance(optimizer, DPOptimizer):
+            raise PrivacyEngineError(
+                "the optimizer is already a DPOptimizer; pass the original torch optimizer "
+                "(make_private must be called once per optimizer)."
+            )
+        if loss_reduction not in ("mean", "sum"):
+            raise PrivacyEngineError(
+                f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}"
+            )
+        if expected_batch_size <= 0:
+            raise PrivacyEngineError(
+                f"expected_batch_size must be positive, got {expected_batch_size}"
+            )
+        self.original_optimizer = optimizer
+        self.grad_sampler = grad_sampler
+        self.clipper = clipper
+        self.noise = noise
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_batch_size = float(expected_batch_size)
+        self.loss_reduction = loss_reduction
+        self.noise_generator = noise_generator
+        self.clipper_generator = clipper_generator
+
+        # Shared with the inner optimizer: schedulers and user code see one object.
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+
+        self._names_by_id: dict[int, str] = {}
+        if module is not None:
+            self._names_by_id = {id(p): n for n, p in module.named_parameters()}
+        self._names_by_id.update({id(p): n for n, p in grad_sampler.named_parameters().items()})
+
+        self._summed: dict[str, Tensor] = {}
+        self._skip_next = False
+        self._last_step_skipped = False
+        self._needs_zero_grad = False
+        self._zero_grad_witness: tuple[nn.Parameter, Tensor] | None = None
+        #: logical batches drawn from the data loader since the last real step (set by the
+        #: engine's data loader); 0 means "unknown", counted as one.
+        self.logical_batches = 0
+        #: logical batches the last real step aggregated (the engine accounts with it)
+        self.last_step_batches = 1
+        #: largest number of logical batches one step may aggregate (None: no limit)
+        self.max_batches_per_step: int | None = None
+        #: backward passes flushed since the last real step, and samples in them (this rank)
+        self.backward_passes = 0
+        self.samples_seen = 0
+        #: real (non-skipped) steps taken so far
+        self.steps = 0
+        self._noise_hooks: list[NoiseHook] = []
+        self._step_hooks: list[StepHook] = []
+
+    # ------------------------------------------------------------------------------
+    # Hooks
+    # ------------------------------------------------------------------------------
+    def attach_step_hook(self, fn: StepHook) -> None:
+        """Call ``fn(optimizer)`` after every real (non-skipped) step, e.g. to account."""
+        self._step_hooks.append(fn)
+
+    def register_noise_hook(self, fn: NoiseHook) -> Callable[[], None]:
+        """Call ``fn(noised_sums, step)`` after the noise is added, before scaling.
+
+        ``noised_sums`` maps parameter names to the noised clipped sums (summed over
+        ranks when distributed); ``step`` is the 0-based index of the real step.
+        Returns a function that removes the hook.
+        """
+        self._noise_hooks.append(fn)
+        return lambda: self._noise_hooks.remove(fn)
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Make the next ``step()`` only accumulate (virtual step), not update or account."""
+        self._skip_next = do_skip
+
+    @property
+    def max_grad_norm(self) -> Any:
+        return getattr(self.clipper, "max_grad_norm", None)
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Backward passes accumulated since the last real step (Opacus' name)."""
+        return self.backward_passes
+
+    # ------------------------------------------------------------------------------
+    # The pipeline
+    # ------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Clip the pending backward pass (if any) and add it to the running sum.
+
+        Called at ``step()`` and, through a forward-pre-hook the engine installs, at the
+        start of every forward pass of the model.
+        """
+        gs = self.grad_sampler
+        if not gs.has_pending():
+            return
+        self._check_zero_grad_called()
+        sq_norms = gs.per_sample_sq_norms()
+        factors = self.clipper.clip_factors(sq_norms)
+        sums = gs.clipped_sums(factors)
+        for name, value in sums.items():
+            value = value.detach()
+            if name in self._summed:
+                self._summed[name] = self._summed[name] + value
+            else:
+                self._summed[name] = value
+        self.backward_passes += 1
+        self.samples_seen += next((int(v.shape[0]) for v in sq_norms.values()), 0)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.flush()
+        params = self._covered_trainable()
+        self._check_coverage(params)
+        if self._skip_next:
+            self._skip_next = False
+            self._last_step_skipped = True
+            return loss
+        self._last_step_skipped = False
+
+        batches = max(1, self.logical_batches)
+        if self.max_batches_per_step is not None and batches > self.max_batches_per_step:
+            raise PrivacyEngineError(
+                f"this step aggregates {batches} batches drawn from the data loader, but the "
+                f"sampler/noise combination allows at most {self.max_batches_per_step} per step "
+                "(correlated noise accounts each step as one participation). Take one optimizer "
+                "step per batch, and use dpcore.BatchMemoryManager to split large batches."
+            )
+        grads = self._private_gradient(params)
+        for fn in self._noise_hooks:
+            fn(grads, self.steps)
+        scale = 1.0 / (self.expected_batch_size * batches) if self.loss_reduction == "mean" else 1.0
+        self._zero_grad_witness = None
+        for name, p in params.items():
+            g = grads[name].mul_(scale) if scale != 1.0 else grads[name]
+            p.grad = g.to(dtype=p.dtype).view_as(p)
+            if self._zero_grad_witness is None:
+                self._zero_grad_witness = (p, p.grad)
+        self.clipper.end_step(
+            expected_batch_size=self.expected_batch_size * batches,
+            generator=self.clipper_generator,
+        )
+        self.original_optimizer.step()
+
+        self.last_step_batches = batches
+        self._summed = {}
+        self.logical_batches = 0
+        self.backward_passes = 0
+        self.samples_seen = 0
+        self._needs_zero_grad = True
+        for hook in self._step_hooks:
+            hook(self)
+        self.steps += 1
+        return loss
+
+    def _private_gradient(self, params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+        """Noised clipped sums (fp32) of every covered trainable parameter, summed over ranks."""
+        grads: dict[str, Tensor] = {}
+        for name, p in params.items():
+            s = self._summed.get(name)
+            grads[name] = (
+                torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                if s is None
+                else s.to(dtype=torch.float32).reshape(p.shape).clone()
+            )
+        std = (
+            self.clipper.gradient_noise_multiplier(self.noise_multiplier)
+            * self.clipper.sensitivity()
+        )
+        if not math.isfinite(std) or std < 0:
+            raise PrivacyEngineError(f"the noise standard deviation is {std}; check the clipper")
+        if _is_multi_rank():
+            self._distributed_noise_and_reduce(grads, std)
+        else:
+            self.noise.add_noise(grads, std=std, generator=self.noise_generator)
+        return grads
+
+    def _distributed_noise_and_reduce(self, grads: dict[str, Tensor], std: float) -> None:
+        """Distributed step: noise once (rank 0), then one all-reduce of the sums.
+
+        Every rank calls this at every real step (with zeros if its local batch was
+        empty), so the collectives always match.
+        """
+        if _dist.rank() == 0:
+            self.noise.add_noise(grads, std=std, generator=self.noise_generator)
+        _dist.all_reduce_sum_(grads)
+        reduce_stats = getattr(self.clipper, "all_reduce_statistics", None)
+        if reduce_stats is not None:
+            reduce_stats(lambda t: _dist.all_reduce_sum_([t]))
+
+    # ------------------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------------------
+    def _covered_trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.grad_sampler.named_parameters().items() if p.requires_grad}
+
+    def _param_label(self, p: Tensor, group: int, index: int) -> str:
+        name = self._names_by_id.get(id(p))
+        where = f"param_groups[{group}]['params'][{index}]"
+        return f"{name!r} ({where})" if name else f"{where} of shape {tuple(p.shape)}"
+
+    def _check_coverage(self, covered: Mapping[str, nn.Parameter]) -> None:
+        covered_ids = {id(p) for p in self.grad_sampler.named_parameters().values()}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.requires_grad and id(p) not in covered_ids:
+                    raise PrivacyEngineError(
+                        f"the optimizer updates parameter {self._param_label(p, gi, pi)}, which has "
+                        "no per-sample gradients: it was made trainable, replaced or added after "
+                        "make_private (e.g. a lazily created adapter), or it does not belong to the "
+                        "private model. dpcore never applies a raw gradient; create or unfreeze every "
+                        "parameter before make_private, or freeze it (requires_grad=False)."
+                    )
+        witness = self._zero_grad_witness[1] if self._zero_grad_witness else None
+        missing = [
+            n
+            for n, p in covered.items()
+            if self.backward_passes > 0
+            and n not in self._summed
+            and p.grad is not None
+            and p.grad is not witness
+            and bool(p.grad.ne(0).any())
+        ]
+        if missing:
+            raise GradSampleError(
+                f"parameter(s) {', '.join(repr(m) for m in missing[:5])} received a gradient from "
+                "autograd but no per-sample gradient: they are used outside the forward pass of "
+                "the module that owns them (e.g. tied weights read by another module, or a "
+                "functional call on module.weight). Restructure the model so every parameter is "
+                "used through its own module, or use grad_sample_mode='functorch'."
+            )
+
+    def _check_zero_grad_called(self) -> None:
+        if not self._needs_zero_grad or self._zero_grad_witness is None:
+            return
+        p, written = self._zero_grad_witness
+        if p.grad is written and bool(written.ne(0).any()):
+            raise PrivacyEngineError(
+                "a backward pass followed optimizer.step() without optimizer.zero_grad(). "
+                "Call optimizer.zero_grad() once per step (before the forward pass or after the "
+                "step); dpcore refuses to guess whether the previous step's gradient should be "
+                "kept, because a private gradient is never accumulated across steps."
+            )
+        self._needs_zero_grad = False
+
+    # ------------------------------------------------------------------------------
+    # torch.optim.Optimizer interface
+    # ------------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients and the pending batch; the running clipped sum survives a
+        skipped (virtual) step, so accumulation over virtual steps works."""
+        if not self._last_step_skipped:
+            self._summed = {}
+        self.grad_sampler.clear()
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        for p in self.grad_sampler.named_parameters().values():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+        self._needs_zero_grad = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.original_optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __repr__(self) -> str:
+        return f"DPOptimizer({self.original_optimizer!r})"
+
+
+def _is_multi_rank() -> bool:
+    return _dist.is_distributed() and _dist.world_size() > 1
