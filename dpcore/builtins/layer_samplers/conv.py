@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from dpcore.layer_sampling import MaterializingLayerGradSampler
 
-from ._common import Strategy, scaled, to_param, wants_grad
+from ._common import Strategy, scaled, to_param, use_ghost, wants_grad
 
 
 def unfold_patches(layer: nn.Module, x: Tensor) -> Tensor:
@@ -83,11 +83,9 @@ class ConvGradSampler(MaterializingLayerGradSampler):
         out: dict[str, Tensor] = {}
         if wants_grad(layer, "weight"):
             a, g = self._grouped(layer, inputs, grad_output)
-            groups, d, positions = a.shape[1], a.shape[2], a.shape[3]
-            ghost = self.strategy == "ghost" or (
-                self.strategy == "auto"
-                and 2 * groups * positions * positions <= groups * g.shape[2] * d
-            )
+            d, positions = a.shape[2], a.shape[3]
+            # per group: two L x L Gram matrices against a (C_out/G) x d gradient
+            ghost = use_ghost(self.strategy, positions, g.shape[2] * d)
             a, g = a.float(), g.float()
             if ghost:
                 aa = torch.einsum("bgdl,bgdm->bglm", a, a)
