@@ -43,7 +43,7 @@ def reference(
         yi = y.narrow(dim, i, 1) if y.dim() > dim else y[i : i + 1]
         loss = loss_fn(model(xi), yi).sum()
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for (n, p), g in zip(params.items(), grads):
+        for (n, p), g in zip(params.items(), grads, strict=True):
             rows[n].append(torch.zeros_like(p) if g is None else g)
     return {n: torch.stack(r) for n, r in rows.items()}
 

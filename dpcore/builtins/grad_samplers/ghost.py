@@ -111,7 +111,7 @@ class GhostGradSampler(BookkeepingSampler):
         try:
             yield
         finally:
-            for p, g in zip(params, saved):
+            for p, g in zip(params, saved, strict=True):
                 p.grad = g
 
     def _run_pass(self, phase: Phase) -> None:
