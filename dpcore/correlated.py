@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -308,12 +308,7 @@ def choose_bands(
     num_samples: int,
     batch_size: int,
     steps: int,
-    *,
-    candidates: Sequence[int] | None = None,
-    coefs: Literal["sqrt", "optimized"] = "sqrt",
-    accountant: str = "prv",
-    epsilon_tolerance: float = 0.01,
-    noise_multiplier_fn: Callable[..., float] | None = None,
+    **options: Any,
 ) -> BandsChoice:
     """The expected prefix-sum error of BandMF for each number of bands, and the best.
 
@@ -322,25 +317,47 @@ def choose_bands(
     ``ceil(steps / b)`` steps at rate ``p`` spends ``target_epsilon``; the error is
     that multiplier times the strategy's prefix RMSE. ``relative_error`` compares
     with DP-SGD (``b = 1``), which is always a candidate. Candidates need
-    ``p <= 1`` and ``b <= steps``.
+    ``p <= 1`` and ``b <= steps``. Options: see :func:`choose_bands_for_rate`.
     """
     if batch_size < 1 or num_samples < batch_size:
         raise ConfigError(
             f"need 1 <= batch_size <= num_samples, got batch_size={batch_size}, "
             f"num_samples={num_samples}"
         )
+    return choose_bands_for_rate(target_epsilon, delta, batch_size / num_samples, steps, **options)
+
+
+def choose_bands_for_rate(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    *,
+    candidates: Sequence[int] | None = None,
+    coefs: Literal["sqrt", "optimized"] = "sqrt",
+    accountant: str = "prv",
+    epsilon_tolerance: float = 0.01,
+    noise_multiplier_fn: Callable[..., float] | None = None,
+) -> BandsChoice:
+    """:func:`choose_bands` given the sample rate ``q = B / N`` (``b <= 1 / q``).
+
+    ``candidates`` defaults to the powers of two; ``noise_multiplier_fn`` defaults to
+    :func:`dpcore.accounting.get_noise_multiplier` with ``accountant``.
+    """
+    if not 0 < sample_rate <= 1:
+        raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     if noise_multiplier_fn is None:
         from .accounting import get_noise_multiplier
 
         noise_multiplier_fn = get_noise_multiplier
-    max_bands = min(steps, num_samples // batch_size)
+    max_bands = min(steps, math.floor(1 / sample_rate + 1e-9))
     wanted = default_band_candidates(max_bands) if candidates is None else list(candidates)
     bands_list = sorted({1, *(int(b) for b in wanted if 1 <= b <= max_bands)})
     rows = []
     for b in bands_list:
-        rate = batch_size * b / num_samples
+        rate = min(1.0, sample_rate * b)
         events = math.ceil(steps / b)
         sigma = float(
             noise_multiplier_fn(
