@@ -483,6 +483,17 @@ class Calibration:
     standard_error: float
     canaries_in: int
     canaries_out: int
+    #: variance of the in-scores over that of the out-scores
+    variance_ratio: float = 1.0
+
+    def standard_error_at(self, mu: float) -> float:
+        """The standard error if the true separation were ``mu`` (for a tolerance that
+        does not depend on the value under test)."""
+        return math.sqrt(
+            self.variance_ratio / self.canaries_in
+            + 1.0 / self.canaries_out
+            + mu * mu / (2.0 * self.canaries_out)
+        )
 
 
 def calibrate(
@@ -502,11 +513,12 @@ def calibrate(
     sd_out = float(np.std(s_out, ddof=1))
     if sd_out == 0:
         gap = float(np.mean(s_in) - np.mean(s_out))
-        return Calibration(math.copysign(math.inf, gap) if gap else 0.0, 0.0, s_in.size, s_out.size)
+        mu_inf = math.copysign(math.inf, gap) if gap else 0.0
+        return Calibration(mu_inf, 0.0, s_in.size, s_out.size, math.inf)
     mu = float((np.mean(s_in) - np.mean(s_out)) / sd_out)
     ratio = float(np.var(s_in, ddof=1)) / sd_out**2
-    se = math.sqrt(ratio / s_in.size + 1.0 / s_out.size + mu * mu / (2.0 * s_out.size))
-    return Calibration(mu, se, s_in.size, s_out.size)
+    cal = Calibration(mu, 0.0, s_in.size, s_out.size, ratio)
+    return Calibration(mu, cal.standard_error_at(mu), s_in.size, s_out.size, ratio)
 
 
 def expected_mu(
