@@ -296,16 +296,18 @@ class DPOptimizer(Optimizer):
                         "private model. dpcore never applies a raw gradient; create or unfreeze every "
                         "parameter before make_private, or freeze it (requires_grad=False)."
                     )
+        # A parameter autograd gave a gradient to, while the grad sampler saw no per-sample
+        # gradient for it, is read outside its module's forward (tied weights, functional
+        # calls): training it on the clipped sum alone would silently drop that use.
         witness = self._zero_grad_witness[1] if self._zero_grad_witness else None
-        missing = [
-            n
-            for n, p in covered.items()
-            if self.backward_passes > 0
-            and n not in self._summed
-            and p.grad is not None
-            and p.grad is not witness
-            and bool(p.grad.ne(0).any())
-        ]
+        missing = []
+        if self.backward_passes > 0:
+            for n, p in covered.items():
+                if p.grad is None or p.grad is witness or not bool(p.grad.ne(0).any()):
+                    continue
+                s = self._summed.get(n)
+                if s is None or not bool(s.ne(0).any()):
+                    missing.append(n)
         if missing:
             raise GradSampleError(
                 f"parameter(s) {', '.join(repr(m) for m in missing[:5])} received a gradient from "

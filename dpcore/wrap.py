@@ -33,6 +33,16 @@ class PrivateModule(nn.Module):
                 return getattr(modules["_module"], name)
             raise
 
+    # containers (nn.Sequential, nn.ModuleList, ...) index and iterate as before
+    def __getitem__(self, index: Any) -> Any:
+        return self._module[index]  # type: ignore[index]
+
+    def __len__(self) -> int:
+        return len(self._module)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._module)  # type: ignore[call-overload]
+
     def unwrap(self) -> nn.Module:
         """The user's model."""
         return self._module

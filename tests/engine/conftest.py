@@ -1,0 +1,61 @@
+"""Small models and data sets shared by the engine tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpcore.registry import get_registry
+
+
+def mlp(seed: int = 0, d_in: int = 6, hidden: int = 8, d_out: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+def dataset(n: int = 48, d_in: int = 6, classes: int = 3, seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, d_in, generator=g), torch.randint(0, classes, (n,), generator=g)
+    )
+
+
+def loader(ds: TensorDataset, batch_size: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size)
+
+
+def grad_sampler_names() -> list[str]:
+    """Every registered grad sampler (the real ones, whoever wrote them)."""
+    return get_registry().names("grad_sampler")
+
+
+def _register_accountants_if_missing() -> None:
+    # TEMPORARY while the accounting work lands: register the real accountant classes.
+    registry = get_registry()
+    if registry.names("accountant"):
+        return
+    from dpcore.builtins.accountants.prv import PRVAccountant, PRVOptions
+    from dpcore.builtins.accountants.rdp import RDPAccountant, RDPOptions
+    from dpcore.registry import PluginInfo
+
+    registry._add(
+        PluginInfo(
+            "accountant", "rdp", "dpcore", "", "rdp", "t", obj=RDPAccountant, options=RDPOptions
+        )
+    )
+    registry._add(
+        PluginInfo(
+            "accountant", "prv", "dpcore", "", "prv", "t", obj=PRVAccountant, options=PRVOptions
+        )
+    )
+
+
+@pytest.fixture
+def accountant_name() -> str:
+    _register_accountants_if_missing()
+    names = get_registry().names("accountant")
+    if not names:
+        pytest.skip("no accountant plugin installed")
+    return "rdp" if "rdp" in names else names[0]
