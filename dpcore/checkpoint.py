@@ -65,6 +65,8 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        # mkstemp creates the file private (0600); give it the permissions of a normal file.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
@@ -76,6 +78,12 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         raise
     _fsync_dir(target.parent)
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -255,7 +263,10 @@ def build_checkpoint(
         "rng": _global_rng_state(),
         "extra": dict(extra),
     }
-    loader_state = _loader_state(data_loader)
+    # The engine's own loader is in the engine state already (sampler position included).
+    loader_state = (
+        None if data_loader is getattr(engine, "data_loader", None) else _loader_state(data_loader)
+    )
     if loader_state is not None:
         checkpoint["data_loader"] = loader_state
     return checkpoint
@@ -324,18 +335,15 @@ def load_checkpoint(
     saved_engine: dict[str, Any] = data["engine"]
     current = _engine_state_or_none(engine)
     if current is not None:
-        diffs = privacy_differences(saved_engine, current)
-        if diffs and not allow_config_change:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} was written with a different privacy configuration:\n  "
-                + "\n  ".join(diffs)
-                + "\nResume with the same configuration, or pass allow_config_change=True "
-                "(CLI: --allow-config-change) to continue under the new one; the accountant then "
-                "composes the privacy spent in both phases."
-            )
-        engine_state = merge_changed_config(saved_engine, current) if diffs else saved_engine
+        engine_state = reconcile_state(
+            saved_engine, current, allow_config_change=allow_config_change, source=str(path)
+        )
     else:
-        engine_state = saved_engine
+        # Before make_private the engine keeps the state and reconciles it (same check)
+        # when the run's configuration exists.
+        engine_state = {**saved_engine, "allow_config_change": bool(allow_config_change)}
+        if allow_config_change:
+            engine_state["accountant"] = _composed_accountant_state(saved_engine, engine)
 
     target = unwrap_module(module)
     try:
@@ -350,7 +358,7 @@ def load_checkpoint(
         lr_scheduler.load_state_dict(data["lr_scheduler"])
     engine.load_state_dict(engine_state)
     loader_state = data.get("data_loader")
-    if data_loader is not None and loader_state is not None:
+    if data_loader is not None and loader_state is not None and engine_state is saved_engine:
         load = getattr(data_loader, "load_state_dict", None)
         if callable(load):
             load(loader_state)
@@ -360,27 +368,53 @@ def load_checkpoint(
 
 
 def _engine_state_or_none(engine: Any) -> dict[str, Any] | None:
-    """The engine's current state, or None if it has not been configured yet (loading
-    before ``make_private``: the engine then checks the configuration when it is made
-    private)."""
-    try:
-        state = engine.state_dict()
-    except Exception:
+    """The engine's current state, or None before ``make_private``."""
+    if getattr(engine, "optimizer", True) is None:
         return None
-    if not state or state.get("sample_rate") is None:
-        return None
-    return state
+    return dict(engine.state_dict())
+
+
+def reconcile_state(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    allow_config_change: bool | None = None,
+    source: str = "the checkpoint",
+) -> Mapping[str, Any]:
+    """The engine state to load for a run configured as ``current``.
+
+    Same privacy configuration: ``saved`` itself. Different: a
+    :class:`~dpcore.errors.CheckpointError` naming every difference, unless
+    ``allow_config_change`` (or the ``"allow_config_change"`` flag that
+    :func:`load_checkpoint` puts in a state loaded before ``make_private``) is true;
+    then the merged state of :func:`merge_changed_config`.
+    """
+    if allow_config_change is None:
+        allow_config_change = bool(saved.get("allow_config_change", False))
+    diffs = privacy_differences(saved, current)
+    if not diffs:
+        return saved
+    if not allow_config_change:
+        raise CheckpointError(
+            f"{source} was written with a different privacy configuration:\n  "
+            + "\n  ".join(diffs)
+            + "\nResume with the same configuration, or pass allow_config_change=True "
+            "(CLI: --allow-config-change) to continue under the new one; the accountant then "
+            "composes the privacy spent in both phases."
+        )
+    return merge_changed_config(saved, current)
 
 
 def merge_changed_config(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
     """Engine state for a run that continues a checkpoint under a new privacy configuration.
 
     Kept from the checkpoint: the accountant history (so epsilon composes both phases),
-    step and epoch counters, and the seeded generators. Kept from the new engine: the
-    configuration and the state of every component whose configuration changed.
+    the step counter and the seeded generators. Kept from the new run: the
+    configuration and the state of every component whose configuration changed; the
+    sampler restarts its epoch unless rate, data set size and world size are unchanged.
     """
     merged = dict(current)
-    for key in ("steps", "epoch", "generators"):
+    for key in ("steps", "generators"):
         if key in saved:
             merged[key] = saved[key]
     saved_cfg = saved.get("config") or {}
@@ -391,15 +425,18 @@ def merge_changed_config(saved: Mapping[str, Any], current: Mapping[str, Any]) -
                 _same(saved.get(k), current.get(k))
                 for k in ("sample_rate", "num_samples", "world_size")
             ):
-                continue  # the sampler's position means nothing at another rate or size
+                continue  # a position within an epoch means nothing at another rate or size
             merged[key] = saved[key]
-    merged["accountant"] = _composed_accountant_state(saved, current)
+    merged["accountant"] = {
+        **dict(current.get("accountant") or {}),
+        "history": list((saved.get("accountant") or {}).get("history", [])),
+    }
     return merged
 
 
-def _composed_accountant_state(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Any:
-    saved_acc = saved.get("accountant") or {}
-    current_acc = dict(current.get("accountant") or {})
-    history = list(saved_acc.get("history", [])) + list(current_acc.get("history", []))
-    current_acc["history"] = history
-    return current_acc
+def _composed_accountant_state(saved: Mapping[str, Any], engine: Any) -> dict[str, Any]:
+    """The saved history in the format of the engine's (possibly other) accountant."""
+    return {
+        **dict(engine.accountant.state_dict()),
+        "history": list((saved.get("accountant") or {}).get("history", [])),
+    }

@@ -438,7 +438,7 @@ def steps_within_budget(engine: Any, budget: float, delta: float, horizon: int) 
     accountant = engine.accountant
     sigma = float(engine.noise_multiplier)
     rate = float(engine.sample_rate)
-    separation = int(getattr(engine, "min_separation", 1) or 1)
+    separation = max(1, int(getattr(engine.sampler, "min_separation", 1)))
     start = int(engine.steps)
 
     def events(n: int) -> int:  # accountant events among real steps start .. start+n-1
@@ -475,10 +475,8 @@ def _fresh_accountant(engine: Any) -> Any:
     """A copy of the engine's accountant (same plugin, options and history)."""
     from .registry import get_registry
 
-    cfg = engine.config.accountant
-    probe = get_registry().create(
-        "accountant", cfg.name, **engine.config.component_options("accountant")
-    )
+    cfg = engine.accountant_config
+    probe = get_registry().create("accountant", cfg.name, cfg.options)
     probe.load_state_dict(engine.accountant.state_dict())
     return probe
 
@@ -597,8 +595,10 @@ def train(
     steps_per_epoch = len(loader)
     budget = cfg.train.epsilon_budget
     horizon = max(0, (total_epochs - start_epoch) * steps_per_epoch)
-    step_limit = int(engine.steps) + (
-        steps_within_budget(engine, budget, delta, horizon) if budget is not None else horizon
+    step_limit = (
+        int(engine.steps) + steps_within_budget(engine, budget, delta, horizon)
+        if budget is not None
+        else math.inf
     )
     if main:
         _print_header(
@@ -765,7 +765,7 @@ def _run_epoch(
     device: torch.device,
     cfg: TrainConfig,
     stop: StopRequest,
-    step_limit: int,
+    step_limit: float,
     epoch: int,
     total_epochs: int,
     console: Any,
@@ -811,14 +811,20 @@ def _run_epoch(
             loss="-",
             eps=f"{eps:.3f}" if eps is not None else "-",
         )
+        # Steps left in this epoch (fewer than len(loader) when resuming inside it).
+        planned = len(loader) - int(_loader_position(loader))
+        taken = 0
         at_boundary, done = True, True
         batch_iter = iter(batches)
         while True:
-            # Decide before drawing the next batch, so the sampler's saved position is exact.
-            if at_boundary and (_agree_to_stop(bool(stop)) or int(engine.steps) >= step_limit):
-                status = "interrupted" if stop else "budget"
-                done = False
-                break
+            # Decide before drawing the next batch, so the sampler's saved position is exact;
+            # after the epoch's last step, let the loader finish the epoch.
+            if at_boundary and taken < planned:
+                interrupted = _agree_to_stop(bool(stop))
+                if interrupted or int(engine.steps) >= step_limit:
+                    status = "interrupted" if interrupted else "budget"
+                    done = False
+                    break
             try:
                 inputs, targets = next(batch_iter)
             except StopIteration:
@@ -834,12 +840,19 @@ def _run_epoch(
             count += n
             at_boundary = int(engine.steps) > before
             if at_boundary:
+                taken += 1
                 bar.update(task, advance=1, loss=f"{loss_sum / max(count, 1):.4f}")
         if done and _agree_to_stop(bool(stop)):
             status = "interrupted"  # the epoch is complete; a resumed run starts the next one
         eps = _safe_epsilon(engine, cfg.engine.delta)
         bar.update(task, eps=f"{eps:.3f}" if eps is not None else "-")
     return (loss_sum / count if count else None), status, done
+
+
+def _loader_position(loader: Any) -> int:
+    """Batches of the current epoch already delivered (restored from a checkpoint)."""
+    state_dict = getattr(loader, "state_dict", None)
+    return int(state_dict().get("position", 0)) if callable(state_dict) else 0
 
 
 def _safe_epsilon(engine: Any, delta: float) -> float | None:
@@ -902,7 +915,7 @@ def _print_header(
     run_dir: Path,
     resumed: Path | None,
     epochs: int,
-    step_limit: int,
+    step_limit: float,
     budget: float | None,
 ) -> None:
     e = cfg.engine
@@ -911,7 +924,7 @@ def _print_header(
         f"  σ={float(engine.noise_multiplier):.4g}  q={float(engine.sample_rate):.4g}  "
         f"C={e.max_grad_norm}  epochs={epochs}  grad_sampler={e.grad_sampler.name}  "
         f"clipper={e.clipper.name}  noise={e.noise.name}  sampler={e.sampler.name}  "
-        f"accountant={e.accountant.name}  seed={engine.config.seed}",
+        f"accountant={e.accountant.name}  seed={engine.seed}",
         highlight=False,
     )
     if resumed is not None:
@@ -944,7 +957,7 @@ def _print_summary(console: Any, r: TrainResult, cfg: TrainConfig, budget: float
     console.print(table)
     if r.stopped == "budget":
         console.print(
-            f"[yellow]stopped before exceeding the epsilon budget {budget:g}[/]: another step "
+            f"[yellow]stopped before exceeding the epsilon budget {budget}[/]: another step "
             f"would spend more (spent {r.epsilon:.4f}).",
             highlight=False,
         )

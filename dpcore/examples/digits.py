@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 DEFAULT_CONFIG_TOML = """\
 # dpcore train: built-in example (small CNN on scikit-learn's 8x8 digits)
 target_epsilon = 3.0      # noise is calibrated to spend this over `epochs`
-epochs = 20
+epochs = 30
 delta = 1e-5
 max_grad_norm = 1.0
 seed = 0
@@ -33,8 +33,8 @@ accountant = { name = "prv" }
 model = "digits_cnn"
 dataset = "digits"
 optimizer = "sgd"
-lr = 4.0
-batch_size = 256          # expected (logical) batch size; sample rate = 256 / 1437
+lr = 2.0
+batch_size = 256          # sample rate = 1 / ceil(1437 / 256) = 1/6
 checkpoint_every = 1      # epochs
 keep_last = 2
 """
