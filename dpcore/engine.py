@@ -368,6 +368,9 @@ class PrivacyEngine:
             )
         _dist.reject_plain_ddp(module)
         inner = _dist.unwrap_model(module)
+        # [distributed owner] data-parallel training is asked for by wrapping the model in
+        # DPDDP; never inferred from an initialised process group alone.
+        distributed = isinstance(module, _dist.DPDDP)
         registry = get_registry()
 
         # -- the model -----------------------------------------------------------------
@@ -381,18 +384,17 @@ class PrivacyEngine:
             )
         self._check_optimizer_params(inner, optimizer)
 
-        # -- randomness ------------------------------------------------------------------
-        world_size, rank = _dist.world_size(), _dist.rank()
-        seed = cfg.seed if cfg.seed is not None else _dist.broadcast_object(rng.fresh_seed())
-        if world_size > 1:
-            _dist.check_same_config(cfg.model_dump(exclude={"seed"} if cfg.seed is None else set()))
-
-        # -- data ------------------------------------------------------------------------
+        # -- randomness and distribution ---------------------------------------------------
         num_samples = len(data_loader.dataset)  # type: ignore[arg-type]
         requested_rate = 1.0 / len(data_loader)
+        world_size, rank, seed, sampler_name = self._distribution(
+            cfg, distributed, data_loader, num_samples, requested_rate
+        )
+
+        # -- data ------------------------------------------------------------------------
         smp = registry.create(
             "sampler",
-            cfg.sampler.name,
+            sampler_name,
             cfg.sampler.options,
             num_samples=num_samples,
             sample_rate=requested_rate,
@@ -449,6 +451,7 @@ class PrivacyEngine:
                 noise_generator=noise_gen,
                 clipper_generator=clipper_gen,
                 module=inner,
+                distributed=distributed,
             )
         except Exception:
             gs.detach()
@@ -480,6 +483,54 @@ class PrivacyEngine:
         if criterion is not None:
             return out_module, dp_optimizer, criterion, dp_loader
         return out_module, dp_optimizer, dp_loader
+
+    @staticmethod
+    def _distribution(
+        cfg: EngineConfig,
+        distributed: bool,
+        data_loader: DataLoader,
+        num_samples: int,
+        sample_rate: float,
+    ) -> tuple[int, int, int, str]:
+        """``(world_size, rank, seed, sampler name)`` of the run. [distributed owner]
+
+        For a DPDDP model: every rank must have the same configuration, data set size and
+        sample rate (checked, a collective); a missing seed is rank 0's fresh one, shared,
+        so that ranks draw the same clipper statistics; ``poisson`` becomes
+        ``distributed_poisson`` (global rate, one shared stream, exact on resume even with
+        another world size).
+        """
+        if not distributed:
+            if _dist.world_size() > 1:
+                warnings.warn(
+                    f"torch.distributed is initialised with {_dist.world_size()} ranks but the "
+                    "model is not a dpcore.DPDDP: each rank trains its own private model on the "
+                    "whole data set (and each model spends its own budget). For data-parallel "
+                    "training wrap the model first: model = dpcore.DPDDP(model).",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            seed = cfg.seed if cfg.seed is not None else rng.fresh_seed()
+            return 1, 0, seed, cfg.sampler.name
+        _dist.require_initialized("make_private with a DPDDP model")
+        if isinstance(getattr(data_loader, "sampler", None), torch.utils.data.DistributedSampler):
+            warnings.warn(
+                "the data loader has a DistributedSampler; dpcore ignores it and draws each "
+                "rank's share of every batch itself. Pass the loader you would use on one "
+                f"process (batch_size = the global batch): with this one the sample rate is "
+                f"1/len(data_loader) = {sample_rate:.6g}, i.e. an expected global batch of "
+                f"{sample_rate * num_samples:.1f}.",
+                UserWarning,
+                stacklevel=4,
+            )
+        seed = cfg.seed if cfg.seed is not None else _dist.broadcast_object(rng.fresh_seed())
+        checked = cfg.model_dump(exclude={"seed"} if cfg.seed is None else set())
+        _dist.check_same_config(
+            {**checked, "num_samples": num_samples, "sample_rate": sample_rate},
+            what="engine configuration (with data set size and sample rate)",
+        )
+        name = "distributed_poisson" if cfg.sampler.name == "poisson" else cfg.sampler.name
+        return _dist.world_size(), _dist.rank(), seed, name
 
     @staticmethod
     def _check_optimizer_params(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:

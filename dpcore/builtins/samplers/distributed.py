@@ -31,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dpcore.errors import ConfigError, DistributedError
 
+from ._common import ResumableEpochs
+
 
 class DistributedPoissonOptions(BaseModel):
     """Options of the ``distributed_poisson`` sampler."""
@@ -42,7 +44,7 @@ class DistributedPoissonOptions(BaseModel):
     )
 
 
-class DistributedPoissonSampler:
+class DistributedPoissonSampler(ResumableEpochs):
     """Each rank's shard of a Poisson sample (global rate ``q``) of the whole data set."""
 
     min_separation = 1
@@ -71,56 +73,25 @@ class DistributedPoissonSampler:
         self.rank = rank
         self.world_size = world_size
         self.steps_per_epoch = steps_per_epoch or max(1, round(1.0 / sample_rate))
-        self.generator = generator
-        self.epoch = 0
-        self.position = 0
-        self._share_stream()
+        #: global expected batch size ``q * N`` (over all ranks)
+        self.expected_batch_size = self.sample_rate * num_samples
+        _share_stream(generator, rank, world_size)
+        super().__init__(generator)
 
-    def _share_stream(self) -> None:
-        # All ranks draw from rank 0's stream (see the module docstring). Only when
-        # the process group matches the declared world size: a sampler built for a
-        # rank in a single process (tests, tools) keeps the generator it was given.
-        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return
-        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
-            raise DistributedError(
-                f"distributed_poisson was built for rank {self.rank} of {self.world_size}, "
-                f"but this process is rank {dist.get_rank()} of {dist.get_world_size()}"
-            )
-        from dpcore.distributed import broadcast_object
-
-        state = broadcast_object(self.generator.get_state(), src=0)
-        self.generator.set_state(state)
-
-    # -- sampling --------------------------------------------------------------------
-    def _draw(self) -> list[int]:
-        keep = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-        global_indices = keep.nonzero().flatten()
-        mine = global_indices[global_indices % self.world_size == self.rank]
-        return mine.tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        while self.position < self.steps_per_epoch:
-            batch = self._draw()
-            self.position += 1
-            yield batch
-        self.epoch += 1
-        self.position = 0
+    def _epoch(self) -> Iterator[list[int]]:
+        for _ in range(self.steps_per_epoch):
+            keep = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            # this rank's slice of the global sample: indices rank, rank + W, ...
+            yield (
+                keep[self.rank :: self.world_size].nonzero().flatten() * self.world_size + self.rank
+            ).tolist()
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    @property
-    def expected_batch_size(self) -> float:
-        """Global expected batch size ``q * N`` (over all ranks)."""
-        return self.sample_rate * self.num_samples
-
-    # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "generator": self.generator.get_state(),
-            "epoch": self.epoch,
-            "position": self.position,
+            **super().state_dict(),
             "num_samples": self.num_samples,
             "sample_rate": self.sample_rate,
             "steps_per_epoch": self.steps_per_epoch,
@@ -135,9 +106,25 @@ class DistributedPoissonSampler:
                     f"distributed_poisson state has {key}={state[key]!r} but this sampler has "
                     f"{getattr(self, key)!r}; resume with the same data set and sample rate"
                 )
-        self.generator.set_state(state["generator"])
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        super().load_state_dict(state)
+
+
+def _share_stream(generator: torch.Generator, rank: int, world_size: int) -> None:
+    """Make ``generator`` rank 0's on every rank (see the module docstring).
+
+    Only when a process group of the declared world size exists: a sampler built for
+    some rank inside a single process (tests, tools) keeps the generator it was given.
+    """
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise DistributedError(
+            f"distributed_poisson was built for rank {rank} of {world_size}, "
+            f"but this process is rank {dist.get_rank()} of {dist.get_world_size()}"
+        )
+    from dpcore.distributed import broadcast_object
+
+    generator.set_state(broadcast_object(generator.get_state(), src=0))
 
 
 def distributed_poisson(
