@@ -77,6 +77,9 @@ class LayerCall:
     batch_size: int
     loss_reduction: LossReduction
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
+    #: batch dimension of each output (the root module's outputs may have it first
+    #: even when ``batch_first=False``, e.g. logits ``[B, C]`` of a sequence model)
+    output_dims: list[int] = field(default_factory=list)
 
     @property
     def has_grad(self) -> bool:
@@ -105,9 +108,10 @@ class LayerCall:
         (zeros for outputs that received no gradient)."""
         scale = float(self.batch_size) if self.loss_reduction == "mean" else 1.0
         out = []
-        for o, g in zip(self.outputs, self.grad_outputs, strict=True):
+        for i, (o, g) in enumerate(zip(self.outputs, self.grad_outputs, strict=True)):
             g = torch.zeros_like(o) if g is None else g
-            g = self._to_front(g)
+            dim = self.output_dims[i] if i < len(self.output_dims) else self.batch_dim
+            g = g.movedim(dim, 0) if dim and g.dim() > dim else g
             out.append(g * scale if scale != 1.0 else g)
         return out
 
@@ -272,17 +276,27 @@ class ActivationCapture:
             loss_reduction=self.loss_reduction,
             versions=versions,
         )
+        call.output_dims = [call.batch_dim] * len(outputs)
         batch.calls.setdefault(layer, []).append(call)
         path = self.paths[layer]
+        is_root = layer is self.module
         for i, t in enumerate(outputs):
             if t.requires_grad:
-                t.register_hook(self._grad_hook(call, i, path))
+                t.register_hook(self._grad_hook(call, i, path, is_root))
 
     @staticmethod
-    def _grad_hook(call: LayerCall, index: int, path: str) -> Any:
+    def _grad_hook(call: LayerCall, index: int, path: str, is_root: bool) -> Any:
         def hook(grad: Tensor) -> None:
             dim = call.batch_dim
             size = grad.shape[dim] if grad.dim() > dim else None
+            if (
+                size != call.batch_size
+                and is_root
+                and grad.dim() > 0
+                and grad.shape[0] == call.batch_size
+            ):
+                dim = call.output_dims[index] = 0
+                size = call.batch_size
             if size != call.batch_size:
                 raise GradSampleError(
                     f"layer {path!r} produced an output of shape {tuple(grad.shape)} whose "

@@ -47,7 +47,13 @@ class EWGradSampler:
                 "grad_sample_mode='hooks' or 'functorch' for batch_first=False"
             )
         for path, m in module.named_modules():
-            if isinstance(m, nn.RNNBase) or type(m).__name__ in ("DPRNN", "DPGRU", "DPLSTM"):
+            if isinstance(m, nn.Embedding) and (m.padding_idx is not None or m.scale_grad_by_freq):
+                raise GradSampleError(
+                    f"grad_sample_mode='ew' (expanded weights) computes wrong per-sample gradients "
+                    f"for embeddings with padding_idx or scale_grad_by_freq ({path}); use "
+                    "grad_sample_mode='hooks' or 'functorch'"
+                )
+            if isinstance(m, nn.RNNBase):
                 raise GradSampleError(
                     f"grad_sample_mode='ew' (expanded weights) does not support recurrent layers "
                     f"({path or '<model>'}: {type(m).__name__}); use grad_sample_mode='hooks' with "

@@ -46,23 +46,30 @@ def per_sample_grads_of_call(
     if batch == 0:
         return {n: p.new_zeros((0, *p.shape)) for n, p in params.items()}
     leaves, spec = pytree.tree_flatten((call.args, call.kwargs))
-    batched = [
-        i
-        for i, leaf in enumerate(leaves)
-        if isinstance(leaf, Tensor) and leaf.dim() > dim and leaf.shape[dim] == batch
-    ]
+    # each tensor argument is batched along the batch dimension, or along dim 0 if only
+    # that one has the batch size (e.g. sequence lengths of a sequence-first model);
+    # any other tensor is shared by all samples
+    in_dims: dict[int, int] = {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, Tensor):
+            if leaf.dim() > dim and leaf.shape[dim] == batch:
+                in_dims[i] = dim
+            elif leaf.dim() > 0 and leaf.shape[0] == batch:
+                in_dims[i] = 0
+    batched = list(in_dims)
     differentiable = [
         i for i, o in enumerate(call.outputs) if o.is_floating_point() or o.is_complex()
     ]
-    cotangents = call.batched_grad_outputs()
-    cotangents = [cotangents[i].movedim(0, dim) if dim else cotangents[i] for i in differentiable]
+    cotangents = call.batched_grad_outputs()  # batch first
+    cotangents = [cotangents[i] for i in differentiable]
+    out_dims = [call.output_dims[i] if call.output_dims else dim for i in differentiable]
     detached = {n: p.detach() for n, p in params.items()}
 
     def one_sample(p: dict[str, Tensor], xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]) -> Any:
         def forward(q: dict[str, Tensor]) -> tuple[Tensor, ...]:
             local = list(leaves)
             for i, x in zip(batched, xs, strict=True):
-                local[i] = x.unsqueeze(dim)
+                local[i] = x.unsqueeze(in_dims[i])
             args, kwargs = pytree.tree_unflatten(local, spec)
             # forward() rather than __call__: no module hooks (e.g. the DP optimizer's flush)
             with _reparametrize_module(layer, q):
@@ -71,10 +78,11 @@ def per_sample_grads_of_call(
             return tuple(tensors[i] for i in differentiable)
 
         _, pullback = torch.func.vjp(forward, p)
-        return pullback(tuple(g.unsqueeze(dim) for g in gs))[0]
+        return pullback(tuple(g.unsqueeze(d) for g, d in zip(gs, out_dims, strict=True)))[0]
 
     xs = tuple(leaves[i] for i in batched)
-    vmapped = torch.func.vmap(one_sample, in_dims=(None, dim, dim), randomness="different")
+    x_dims = tuple(in_dims[i] for i in batched)
+    vmapped = torch.func.vmap(one_sample, in_dims=(None, x_dims, 0), randomness="different")
     paused = capture.paused() if capture is not None else contextlib.nullcontext()
     try:
         with paused, torch.enable_grad():
