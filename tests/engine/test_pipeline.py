@@ -35,7 +35,7 @@ def test_noiseless_unclipped_step_equals_non_private_step(mode, opt_cls, account
     reference = mlp()
     private = copy.deepcopy(reference)
     ref_opt = opt_cls(reference.parameters(), lr=0.1)
-    engine, model, opt, dl = _private(
+    _engine, model, opt, dl = _private(
         private,
         opt_cls(private.parameters(), lr=0.1),
         loader(ds, 32),
@@ -59,7 +59,7 @@ def test_mean_reduction_divides_by_expected_not_realised_batch(accountant_name):
     ds = dataset(40)
     reference = mlp()
     private = copy.deepcopy(reference)
-    engine, model, opt, dl = _private(
+    _engine, model, opt, dl = _private(
         private, torch.optim.SGD(private.parameters(), lr=0.0), loader(ds, 10), accountant_name
     )
     x, y = next(iter(dl))
@@ -108,7 +108,7 @@ def test_seeded_noise_is_reproducible_and_secure_is_not(accountant_name):
         torch.manual_seed(0)
         model = nn.Linear(4, 2)
         engine = dpcore.PrivacyEngine(accountant=accountant_name, secure_mode=secure)
-        model, opt, dl = engine.make_private(
+        model, opt, _dl = engine.make_private(
             module=model,
             optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
             data_loader=loader(dataset(8, d_in=4), 4),
@@ -267,7 +267,7 @@ def test_accumulating_several_drawn_batches_is_accounted_as_their_composition(ac
 def test_forgetting_zero_grad_is_an_error(accountant_name):
     model = mlp()
     engine = dpcore.PrivacyEngine(accountant=accountant_name)
-    model, opt, dl = engine.make_private(
+    model, opt, _dl = engine.make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=loader(dataset(16), 16),
@@ -292,7 +292,7 @@ def test_parameter_made_trainable_after_make_private_is_refused(accountant_name)
     model[0].weight.requires_grad_(False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = dpcore.PrivacyEngine(accountant=accountant_name)
-    model, opt, dl = engine.make_private(
+    model, opt, _dl = engine.make_private(
         module=model,
         optimizer=opt,
         data_loader=loader(dataset(16), 8),
@@ -331,7 +331,7 @@ def test_parameter_used_outside_its_module_is_refused(accountant_name):
     x, y = next(iter(dl))
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    with pytest.raises(GradSampleError, match="a.weight"):
+    with pytest.raises(GradSampleError, match=r"a\.weight"):
         opt.step()
 
 
@@ -401,7 +401,7 @@ def test_empty_poisson_batch_takes_a_noisy_step(mode, accountant_name):
     model = nn.Linear(4, 2)
     before = model.weight.detach().clone()
     engine = dpcore.PrivacyEngine(accountant=accountant_name)
-    model, opt, dl = engine.make_private(
+    model, opt, _dl = engine.make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
         data_loader=loader(dataset(8, d_in=4, classes=2), 4),
