@@ -14,6 +14,7 @@ The core never imports the built-in accountants; it reaches them by name through
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -261,21 +262,31 @@ def get_noise_multiplier(
     create_accountant(accountant, **accountant_options)  # fail early on a bad name/option
 
     cache: dict[float, float] = {}
+    caught: dict[tuple[type[Warning], str], warnings.WarningMessage] = {}
 
     def eps(sigma: float) -> float:
         if sigma not in cache:
-            acc = create_accountant(accountant, **accountant_options)
-            acc.step(noise_multiplier=sigma, sample_rate=q, steps=n)
-            cache[sigma] = float(acc.get_epsilon(delta))
+            # Each trial accountant may warn (e.g. gdp's approximation); say it once.
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                acc = create_accountant(accountant, **accountant_options)
+                acc.step(noise_multiplier=sigma, sample_rate=q, steps=n)
+                cache[sigma] = float(acc.get_epsilon(delta))
+            for w in seen:
+                caught.setdefault((w.category, str(w.message)), w)
         return cache[sigma]
 
-    return _search_sigma(
-        eps,
-        target_epsilon,
-        epsilon_tolerance,
-        _initial_sigma(target_epsilon, delta, q, n),
-        what=f"{accountant!r} with {n} steps at q={q}",
-    )
+    try:
+        return _search_sigma(
+            eps,
+            target_epsilon,
+            epsilon_tolerance,
+            _initial_sigma(target_epsilon, delta, q, n),
+            what=f"{accountant!r} with {n} steps at q={q}",
+        )
+    finally:
+        for w in caught.values():
+            warnings.warn(w.message, w.category, stacklevel=2)
 
 
 def _search_sigma(
