@@ -105,6 +105,10 @@ class DPDataLoader(DataLoader):
     def __init__(
         self, dataset: Dataset, *, sampler: SamplerPlugin, collate_fn: Any = None, **kwargs: Any
     ) -> None:
+        # [checkpoint owner] every DataLoader iterator draws a worker base seed from its
+        # `generator`, by default torch's GLOBAL one; that shifted dropout masks after a
+        # resume (one extra draw). A private generator keeps the global stream untouched.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(
             dataset,
             batch_sampler=_PluginBatchSampler(sampler),
@@ -297,6 +301,7 @@ class _PhysicalLoader:
             multiprocessing_context=dl.multiprocessing_context,
             prefetch_factor=dl.prefetch_factor if dl.num_workers > 0 else None,
             persistent_workers=dl.persistent_workers,
+            generator=dl.generator,  # [checkpoint owner] not torch's global generator
         )
         optimizer = self.manager.optimizer
         dl._begin_epoch()

@@ -98,7 +98,7 @@ def test_wrapped_model_behaves_like_the_original(accountant_name):
     net = Net()
     plain_keys = list(net.state_dict())
     engine = dpcore.PrivacyEngine(accountant=accountant_name)
-    model, opt, dl = engine.make_private(
+    model, _opt, _dl = engine.make_private(
         module=net,
         optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
         data_loader=loader(dataset(), 12),
@@ -226,7 +226,7 @@ def test_from_config(accountant_name):
     )
     engine = dpcore.PrivacyEngine.from_config(cfg)
     model = mlp()
-    model, opt, dl = engine.make_private(
+    model, opt, _dl = engine.make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=loader(dataset(48), 12),
@@ -343,7 +343,7 @@ def test_state_loaded_before_make_private_is_applied(accountant_name):
 def test_make_private_twice_and_rewrapping_are_refused(accountant_name):
     engine = dpcore.PrivacyEngine(accountant=accountant_name)
     model = mlp()
-    m, o, d = engine.make_private(
+    _m, o, _d = engine.make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=loader(dataset(), 12),

@@ -92,8 +92,9 @@ class TrainableBuffersCheck:
 
 
 def _device(module: nn.Module):  # type: ignore[no-untyped-def]
-    p = next(module.parameters(), None) or next(module.buffers(), None)
-    return p.device if p is not None else None
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return None
 
 
 def _dtype(module: nn.Module):  # type: ignore[no-untyped-def]
