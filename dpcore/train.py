@@ -803,7 +803,8 @@ def _run_epoch(
                 disable=not (show_progress and is_main_process()),
             )
         )
-        eps = _safe_epsilon(engine, cfg.engine.delta)
+        visible = show_progress and is_main_process()
+        eps = _safe_epsilon(engine, cfg.engine.delta) if visible else None
         task = bar.add_task(
             "train",
             total=len(loader),
@@ -844,7 +845,7 @@ def _run_epoch(
                 bar.update(task, advance=1, loss=f"{loss_sum / max(count, 1):.4f}")
         if done and _agree_to_stop(bool(stop)):
             status = "interrupted"  # the epoch is complete; a resumed run starts the next one
-        eps = _safe_epsilon(engine, cfg.engine.delta)
+        eps = _safe_epsilon(engine, cfg.engine.delta) if visible else None
         bar.update(task, eps=f"{eps:.3f}" if eps is not None else "-")
     return (loss_sum / count if count else None), status, done
 
