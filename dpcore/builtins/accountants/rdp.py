@@ -84,9 +84,9 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
     log_q, log_1mq = math.log(q), math.log1p(-q)
     z0 = s2 * (log_1mq - log_q) + 0.5
     log_pos = log_neg = -math.inf  # running log-sums of the positive and negative terms
-    k0 = 0
+    k0, chunk = 0, _CHUNK
     while True:
-        k = np.arange(k0, k0 + _CHUNK, dtype=np.float64)
+        k = np.arange(k0, k0 + chunk, dtype=np.float64)
         j = alpha - k
         log_c, sign = _log_binom(alpha, k)
         below = (
@@ -102,7 +102,8 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
             log_pos = float(np.logaddexp(log_pos, logsumexp(pos)))
         if neg.size:
             log_neg = float(np.logaddexp(log_neg, logsumexp(neg)))
-        k0 += _CHUNK
+        k0 += chunk
+        chunk = min(2 * chunk, 1 << 18)  # slow (polynomial) tails: grow the chunks
         # Past k > alpha the terms alternate and shrink (like k^-(alpha + 2)), so the
         # error of stopping is at most the size of the last term.
         last = max(below[-1], above[-1])
