@@ -646,7 +646,7 @@ def train(
                 }
                 _append_metrics(run_path, last)
                 if main and not show_progress:
-                    console.print(_epoch_line(last, total_epochs), highlight=False)
+                    console.print(_epoch_line(last, total_epochs), highlight=False, soft_wrap=True)
                 epoch += 1
                 every = cfg.train.checkpoint_every
                 if (
@@ -920,18 +920,27 @@ def _print_header(
     budget: float | None,
 ) -> None:
     e = cfg.engine
-    console.print(f"[bold]dpcore train[/] {cfg.source} -> {run_dir}", highlight=False)
+    console.print(
+        f"[bold]dpcore train[/] {cfg.source} -> {run_dir}", highlight=False, soft_wrap=True
+    )
     console.print(
         f"  σ={float(engine.noise_multiplier):.4g}  q={float(engine.sample_rate):.4g}  "
         f"C={e.max_grad_norm}  epochs={epochs}  grad_sampler={e.grad_sampler.name}  "
         f"clipper={e.clipper.name}  noise={e.noise.name}  sampler={e.sampler.name}  "
         f"accountant={e.accountant.name}  seed={engine.seed}",
         highlight=False,
+        soft_wrap=True,
     )
     if resumed is not None:
-        console.print(f"  resuming from {resumed} (step {int(engine.steps)})", highlight=False)
+        console.print(
+            f"  resuming from {resumed} (step {int(engine.steps)})", highlight=False, soft_wrap=True
+        )
     if budget is not None:
-        console.print(f"  epsilon budget {budget:g}: at most {step_limit} steps", highlight=False)
+        console.print(
+            f"  epsilon budget {budget:g}: at most {step_limit} steps",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _print_summary(console: Any, r: TrainResult, cfg: TrainConfig, budget: float | None) -> None:
@@ -961,6 +970,7 @@ def _print_summary(console: Any, r: TrainResult, cfg: TrainConfig, budget: float
             f"[yellow]stopped before exceeding the epsilon budget {budget}[/]: another step "
             f"would spend more (spent {r.epsilon:.4f}).",
             highlight=False,
+            soft_wrap=True,
         )
     elif r.stopped == "interrupted":
         console.print(
@@ -968,6 +978,7 @@ def _print_summary(console: Any, r: TrainResult, cfg: TrainConfig, budget: float
             f"{r.checkpoint}. Continue with: dpcore train {_config_arg(cfg)}--resume auto "
             f"--run-dir {r.run_dir}",
             highlight=False,
+            soft_wrap=True,
         )
 
 

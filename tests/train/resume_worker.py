@@ -49,22 +49,26 @@ def setup(case: dict[str, Any]) -> tuple[Any, nn.Module, Any, Any]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     loader = DataLoader(make_data(), batch_size=BATCH_SIZE)
     engine = dpcore.PrivacyEngine.from_config(EngineConfig.from_dict(case["config"]))
-    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer,
-                                                   data_loader=loader)
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader
+    )
     return engine, model, optimizer, loader
 
 
-def train_until(case: dict[str, Any], engine: Any, model: nn.Module, optimizer: Any,
-                loader: Any, steps: int) -> None:
+def train_until(
+    case: dict[str, Any], engine: Any, model: nn.Module, optimizer: Any, loader: Any, steps: int
+) -> None:
     """Train until the engine has taken ``steps`` optimizer steps, stopping right after a
     step (never inside a logical batch), across epoch boundaries."""
     loss_fn = nn.CrossEntropyLoss()
     physical = case.get("max_physical_batch_size")
     while engine.steps < steps:
         manager = (
-            dpcore.BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical,
-                                      optimizer=optimizer)
-            if physical else contextlib.nullcontext(loader)
+            dpcore.BatchMemoryManager(
+                data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer
+            )
+            if physical
+            else contextlib.nullcontext(loader)
         )
         with manager as batches:
             for x, y in batches:
@@ -95,8 +99,9 @@ def first_part(case: dict[str, Any], steps: int, path: Path) -> None:
     engine.save_checkpoint(path=path, module=model, optimizer=optimizer, data_loader=loader)
 
 
-def continue_from(case: dict[str, Any], steps: int, path: Path, *, before: bool = False
-                  ) -> dict[str, Any]:
+def continue_from(
+    case: dict[str, Any], steps: int, path: Path, *, before: bool = False
+) -> dict[str, Any]:
     """Load the checkpoint (after make_private, or into the plain model and optimizer
     before it when ``before``) and train on to ``steps``."""
     if before:
@@ -105,8 +110,10 @@ def continue_from(case: dict[str, Any], steps: int, path: Path, *, before: bool 
         engine = dpcore.PrivacyEngine.from_config(EngineConfig.from_dict(case["config"]))
         engine.load_checkpoint(path=path, module=model, optimizer=optimizer)
         model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer,
-            data_loader=DataLoader(make_data(), batch_size=BATCH_SIZE))
+            module=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(make_data(), batch_size=BATCH_SIZE),
+        )
     else:
         engine, model, optimizer, loader = setup(case)
         engine.load_checkpoint(path=path, module=model, optimizer=optimizer, data_loader=loader)
@@ -123,3 +130,41 @@ if __name__ == "__main__":  # python resume_worker.py continue CASES.pt OUT.pt
         for job in jobs
     ]
     torch.save(results, out_path)
+
+
+# -- for `dpcore train` tests ---------------------------------------------------------------
+class _SlowDataset(TensorDataset):
+    """Sleeps DPCORE_TEST_DELAY seconds per item, so a signal can arrive mid-run."""
+
+    def __getitem__(self, i: int) -> Any:
+        import os
+        import time
+
+        delay = float(os.environ.get("DPCORE_TEST_DELAY", "0"))
+        if delay:
+            time.sleep(delay)
+        return super().__getitem__(i)
+
+
+def train_data() -> tuple[TensorDataset, TensorDataset]:
+    data = make_data()
+    g = torch.Generator().manual_seed(5)
+    test = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+    return _SlowDataset(*data.tensors), test
+
+
+TRAIN_TOML = """\
+noise_multiplier = 0.8
+max_grad_norm = 0.5
+seed = 3
+accountant = "rdp"
+
+[train]
+model = "resume_worker:make_model"
+dataset = "resume_worker:train_data"
+lr = 0.5
+optimizer_options = { momentum = 0.9 }
+batch_size = 8
+epochs = 6
+keep_last = 2
+"""

@@ -99,15 +99,32 @@ def test_format_and_kind_are_checked(tmp_path):
 
 def test_privacy_differences_name_each_changed_key():
     base = {
-        "sample_rate": 0.01, "noise_multiplier": 1.1, "num_samples": 1000, "world_size": 1,
-        "config": {"max_grad_norm": 1.0, "clipper": {"name": "flat"}, "noise": {"name": "gaussian"},
-                   "sampler": {"name": "poisson"}, "accountant": {"name": "prv", "eps_error": 0.01},
-                   "grad_sampler": {"name": "hooks"}, "seed": 1},
+        "sample_rate": 0.01,
+        "noise_multiplier": 1.1,
+        "num_samples": 1000,
+        "world_size": 1,
+        "config": {
+            "max_grad_norm": 1.0,
+            "clipper": {"name": "flat"},
+            "noise": {"name": "gaussian"},
+            "sampler": {"name": "poisson"},
+            "accountant": {"name": "prv", "eps_error": 0.01},
+            "grad_sampler": {"name": "hooks"},
+            "seed": 1,
+        },
     }
     assert privacy_differences(base, base) == []
-    changed = {**base, "sample_rate": 0.02, "num_samples": 999,
-               "config": {**base["config"], "accountant": {"name": "rdp"}, "grad_sampler": {"name": "bk"},
-                          "seed": 2}}
+    changed = {
+        **base,
+        "sample_rate": 0.02,
+        "num_samples": 999,
+        "config": {
+            **base["config"],
+            "accountant": {"name": "rdp"},
+            "grad_sampler": {"name": "bk"},
+            "seed": 2,
+        },
+    }
     diffs = privacy_differences(base, changed)
     assert [d.split(":")[0] for d in diffs] == ["sample_rate", "num_samples", "accountant"]
     assert "0.01" in diffs[0] and "0.02" in diffs[0]

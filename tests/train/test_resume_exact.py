@@ -21,14 +21,20 @@ CASES: dict[str, dict] = {
     "poisson-flat-gaussian-rdp": {"config": w.base_config()},
     "accountant-gdp": {"config": w.base_config(accountant={"name": "gdp"})},
     "accountant-prv": {"config": w.base_config(accountant={"name": "prv"})},
-    "clipper-per_layer": {"config": w.base_config(clipper={"name": "per_layer"},
-                                                  max_grad_norm=[0.3, 0.2, 0.3, 0.2])},
+    "clipper-per_layer": {
+        "config": w.base_config(clipper={"name": "per_layer"}, max_grad_norm=[0.3, 0.2, 0.3, 0.2])
+    },
     "clipper-adaptive": {"config": w.base_config(clipper={"name": "adaptive"})},
     "clipper-automatic": {"config": w.base_config(clipper={"name": "automatic"})},
     "sampler-shuffle": {"config": w.base_config(sampler={"name": "shuffle"})},
-    "sampler-distributed_poisson": {"config": w.base_config(sampler={"name": "distributed_poisson"})},
-    "noise-bandmf-cyclic_poisson": {"config": w.base_config(
-        noise={"name": "bandmf", "bands": 2}, sampler={"name": "cyclic_poisson"})},
+    "sampler-distributed_poisson": {
+        "config": w.base_config(sampler={"name": "distributed_poisson"})
+    },
+    "noise-bandmf-cyclic_poisson": {
+        "config": w.base_config(
+            noise={"name": "bandmf", "bands": 2}, sampler={"name": "cyclic_poisson"}
+        )
+    },
     "grad_sampler-bk": {"config": w.base_config(grad_sampler={"name": "bk"})},
     "batch-memory-manager": {"config": w.base_config(), "max_physical_batch_size": 3},
 }
@@ -62,12 +68,26 @@ def resumed(tmp_path_factory):
             w.first_part(case, FIRST, ckpt)
             jobs.append({"case": case, "steps": TOTAL, "checkpoint": str(ckpt), "before": False})
         # also: load into the plain model/optimizer before make_private
-        jobs.append({"case": CASES["poisson-flat-gaussian-rdp"], "steps": TOTAL,
-                     "checkpoint": str(tmp / "poisson-flat-gaussian-rdp.pt"), "before": True})
+        jobs.append(
+            {
+                "case": CASES["poisson-flat-gaussian-rdp"],
+                "steps": TOTAL,
+                "checkpoint": str(tmp / "poisson-flat-gaussian-rdp.pt"),
+                "before": True,
+            }
+        )
     torch.save(jobs, tmp / "jobs.pt")
     proc = subprocess.run(
-        [sys.executable, str(Path(w.__file__)), "continue", str(tmp / "jobs.pt"),
-         str(tmp / "out.pt")], capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(Path(w.__file__)),
+            "continue",
+            str(tmp / "jobs.pt"),
+            str(tmp / "out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = torch.load(tmp / "out.pt", weights_only=True)
@@ -76,6 +96,7 @@ def resumed(tmp_path_factory):
     return {n: (expected[n], r) for n, r in zip(names, results, strict=True)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*CASES, "load-before-make_private"])
 def test_resume_in_new_process_is_bitwise_exact(resumed, name):
     expected, got = resumed[name]
