@@ -10,9 +10,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import resume_worker as w  # this folder is on sys.path (conftest.py)
 import torch
 
-import resume_worker as w  # this folder is on sys.path (conftest.py)
 from dpcore.registry import get_registry
 
 TOTAL, FIRST = 12, 7  # 5 steps per epoch: the checkpoint is inside the second epoch

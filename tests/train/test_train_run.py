@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import resume_worker as w  # this folder is on sys.path (conftest.py)
 import torch
 from typer.testing import CliRunner
 
-import resume_worker as w  # this folder is on sys.path (conftest.py)
 from dpcore.checkpoint import read_checkpoint
 from dpcore.cli import app
 from dpcore.errors import CheckpointError
