@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import dpcore
@@ -89,3 +90,202 @@ def sampler_shards(rank: int, world_size: int, n: int, q: float, steps: int) -> 
         world_size=world_size,
     )
     return {"batches": list(sampler), "state": sampler.state_dict()}
+
+
+def make_private_mismatch(rank: int, world_size: int) -> str:
+    """Rank 1 asks for another noise multiplier: make_private must refuse on every rank."""
+    from torch.utils.data import DataLoader
+
+    model = dpcore.DPDDP(make_model(0, 6))
+    engine = dpcore.PrivacyEngine(accountant="rdp")
+    try:
+        engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(make_dataset(40, 6), batch_size=10),
+            noise_multiplier=1.0 if rank == 0 else 1.1,
+            max_grad_norm=1.0,
+        )
+    except DistributedError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def group_scenarios(rank: int, world_size: int) -> dict[str, Any]:
+    """Every quick scenario of one process group, so that the group is spawned once."""
+    return {
+        "wrapper": wrapper_basics(rank, world_size),
+        "config_equal": config_check(rank, world_size, False),
+        "config_differ": config_check(rank, world_size, True),
+        "collectives": all_reduce_and_broadcast(rank, world_size),
+        "plain_ddp": plain_ddp_refused(rank, world_size),
+        "sampler": sampler_shards(rank, world_size, 40, 0.3, 6),
+        "make_private_mismatch": make_private_mismatch(rank, world_size),
+    }
+
+
+# ------------------------------------------------------------------------------------
+# Private training runs (used on N ranks and, for references, in one process)
+# ------------------------------------------------------------------------------------
+DEFAULT_RUN: dict[str, Any] = {
+    "n": 40,
+    "d_in": 6,
+    "batch_size": 10,  # global logical batch -> q = 1/4
+    "grad_sample_mode": "hooks",
+    "clipping": "flat",
+    "noise_multiplier": 0.0,
+    "max_grad_norm": 0.5,  # small enough that clipping is active
+    "lr": 0.5,
+    "steps": 6,
+    "seed": 5,
+    "mode": "plain",  # "plain" | "accumulate" (two backward passes per step) | "bmm"
+    "ddp": True,
+    "model_seed": 0,
+    "save_at": None,  # real step after which a checkpoint is written
+    "kill": False,  # SIGKILL every rank right after that checkpoint
+    "resume": None,  # checkpoint to resume from
+    "ckpt": None,
+    "zero_gradients": False,  # loss * 0: p.grad after the step is pure noise / (qN)
+    "faulty_noise": None,  # None | "same" | "independent": noise added on every rank
+}
+
+
+def make_dataset(n: int, d_in: int) -> Any:
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(n, d_in, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return TensorDataset(x, y, torch.arange(n))
+
+
+def make_model(seed: int, d_in: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def private_run(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Train ``spec["steps"]`` real steps; return what the tests compare."""
+    import os
+    import signal
+
+    from torch.utils.data import DataLoader
+
+    spec = {**DEFAULT_RUN, **spec}
+    model = make_model(spec["model_seed"] + (rank if spec["ddp"] else 0), spec["d_in"])
+    if spec["ddp"]:
+        model = dpcore.DPDDP(model)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"])
+    loader = DataLoader(make_dataset(spec["n"], spec["d_in"]), batch_size=spec["batch_size"])
+    engine = dpcore.PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=spec["noise_multiplier"],
+        max_grad_norm=spec["max_grad_norm"],
+        grad_sample_mode=spec["grad_sample_mode"],
+        clipping=spec["clipping"],
+        seed=spec["seed"],
+        # in one process, draw the global batches exactly as the ranks' union
+        sampler=None if spec["ddp"] else "distributed_poisson",
+    )
+    if spec["faulty_noise"]:
+        _break_noise_once(optimizer, spec["faulty_noise"], spec["seed"], rank)
+    if spec["resume"]:
+        engine.load_checkpoint(
+            path=spec["resume"], module=model, optimizer=optimizer, data_loader=loader
+        )
+
+    grads: list[torch.Tensor] = []
+    batches: dict[int, list[int]] = {}
+    local_sizes: list[int] = []
+
+    def backward(x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        (loss * 0.0 if spec["zero_gradients"] else loss).backward()
+
+    def after_step() -> bool:
+        """Record the step; checkpoint/kill; True when done."""
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+        if spec["save_at"] == engine.steps:
+            engine.save_checkpoint(
+                path=spec["ckpt"], module=model, optimizer=optimizer, data_loader=loader
+            )
+            if spec["kill"]:
+                dist.barrier()  # the checkpoint is on disk before anyone dies
+                os.kill(os.getpid(), signal.SIGKILL)
+        return engine.steps >= spec["steps"]
+
+    done = engine.steps >= spec["steps"]
+    while not done:
+        if spec["mode"] == "bmm":
+            with dpcore.BatchMemoryManager(
+                data_loader=loader, max_physical_batch_size=2, optimizer=optimizer
+            ) as physical:
+                current: list[int] = []
+                for x, y, idx in physical:
+                    before = engine.steps
+                    current += idx.tolist()
+                    optimizer.zero_grad()
+                    backward(x, y)
+                    optimizer.step()
+                    if engine.steps > before:
+                        batches[before] = current
+                        local_sizes.append(len(current))
+                        current = []
+                        if done := after_step():
+                            break
+        else:
+            for x, y, idx in loader:
+                batches[engine.steps] = idx.tolist()
+                local_sizes.append(len(idx))
+                optimizer.zero_grad()
+                if spec["mode"] == "accumulate":  # two backward passes, one step
+                    half = len(x) // 2
+                    backward(x[:half], y[:half])
+                    backward(x[half:], y[half:])
+                else:
+                    backward(x, y)
+                optimizer.step()
+                if done := after_step():
+                    break
+    return {
+        "initial": initial,
+        "final": {k: v.clone() for k, v in model.state_dict().items()},
+        "grads": grads,
+        "batches": batches,
+        "local_sizes": local_sizes,
+        "epsilon": engine.get_epsilon(1e-5),
+        "accounted_steps": len(engine.accountant),
+        "steps": engine.steps,
+        "sampler": type(engine.sampler).__name__,
+        "distributed": optimizer.distributed,
+        "expected_batch_size": optimizer.expected_batch_size,
+        "max_grad_norm": float(engine.clipper.max_grad_norm),
+    }
+
+
+def private_runs(rank: int, world_size: int, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Several runs in one process group (spawning is the slow part)."""
+    return [private_run(rank, world_size, spec) for spec in specs]
+
+
+def _break_noise_once(optimizer: Any, how: str, seed: int, rank: int) -> None:
+    """Test-only faulty variant: every rank adds the noise (what dpcore must not do).
+
+    "same": every rank draws from the same noise stream; "independent": each rank from
+    its own. Used to show that the variance test rejects per-rank addition.
+    """
+    from dpcore import rng
+
+    noise = optimizer.noise
+
+    def faulty(grads: dict[str, torch.Tensor], std: float) -> None:
+        noise.add_noise(grads, std=std, generator=optimizer.noise_generator)
+        D.all_reduce_sum_(grads)
+
+    if how == "independent":
+        optimizer.noise_generator = rng.make_generator(seed, "noise", rank)
+    optimizer._distributed_noise_and_reduce = faulty

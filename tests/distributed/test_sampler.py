@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dist_harness import run_ranks
-from dist_workers import sampler_shards
 from scipy import stats
 
 import dpcore
@@ -109,23 +107,3 @@ def test_state_is_plain_data_and_refuses_another_data_set(tmp_path):
     assert list(other) == list(s)
     with pytest.raises(ConfigError, match="num_samples"):
         make(60, 0.1).load_state_dict(state)
-
-
-def test_ranks_share_rank0_stream_in_a_process_group():
-    """Built as the engine does (a different generator per rank), the ranks still draw
-    from rank 0's stream, so rank 0's state restores both."""
-    n, q, steps = 40, 0.3, 6
-    r0, r1 = run_ranks(sampler_shards, 2, n, q, steps)
-    assert torch.equal(r0["state"]["generator"], r1["state"]["generator"])
-    from dpcore.rng import make_generator
-
-    ref = dpcore.get_registry().create(
-        "sampler",
-        "distributed_poisson",
-        {"steps_per_epoch": steps},
-        num_samples=n,
-        sample_rate=q,
-        generator=make_generator(7, "sampler", 0),
-    )
-    assert union([r0["batches"], r1["batches"]]) == list(ref)
-    assert all(i % 2 == 1 for b in r1["batches"] for i in b)

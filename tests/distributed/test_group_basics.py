@@ -1,25 +1,26 @@
-"""DPDDP and the distributed helpers, on 2 gloo processes (and without a process group)."""
+"""DPDDP, the distributed helpers and the errors, in one spawned 2-rank gloo group
+(and in the test process, with no group or a group of one)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from dist_harness import run_ranks
-from dist_workers import (
-    all_reduce_and_broadcast,
-    config_check,
-    plain_ddp_refused,
-    tiny_model,
-    wrapper_basics,
-)
+from dist_workers import group_scenarios, tiny_model
 
 import dpcore
 from dpcore import distributed as D
 from dpcore.errors import DistributedError
+from dpcore.rng import make_generator
 
 
-def test_dpddp_broadcasts_rank0_at_construction_and_nothing_in_backward():
-    r0, r1 = run_ranks(wrapper_basics, 2)
+@pytest.fixture(scope="module")
+def ranks():
+    return run_ranks(group_scenarios, 2)
+
+
+def test_dpddp_broadcasts_rank0_at_construction_and_nothing_in_backward(ranks):
+    r0, r1 = (r["wrapper"] for r in ranks)
     assert (r0["rank"], r1["rank"], r0["world_size"], r0["is_distributed"]) == (0, 1, 2, True)
     # ranks started different ...
     assert not torch.equal(r0["before"]["0.weight"], r1["before"]["0.weight"])
@@ -32,17 +33,21 @@ def test_dpddp_broadcasts_rank0_at_construction_and_nothing_in_backward():
     assert not torch.equal(r0["grads"]["0.weight"], r1["grads"]["0.weight"])
 
 
-def test_config_check_passes_when_equal_and_names_the_difference():
-    assert run_ranks(config_check, 2, False) == ["ok", "ok"]
-    errors = run_ranks(config_check, 2, True)
-    for message in errors:
-        assert "noise_multiplier: 1.0 vs 0.5" in message
-        assert "rank 1 vs rank 0" in message
+def test_config_check_passes_when_equal_and_names_the_difference(ranks):
+    assert [r["config_equal"] for r in ranks] == ["ok", "ok"]
+    for r in ranks:
+        assert "noise_multiplier: 1.0 vs 0.5" in r["config_differ"]
+        assert "rank 1 vs rank 0" in r["config_differ"]
 
 
-def test_flattened_all_reduce_and_broadcast_object():
-    r0, r1 = run_ranks(all_reduce_and_broadcast, 2)
-    for r in (r0, r1):
+def test_make_private_refuses_ranks_with_different_configs(ranks):
+    for r in ranks:
+        message = r["make_private_mismatch"]
+        assert "differs between ranks" in message and "noise_multiplier: 1.0 vs 1.1" in message
+
+
+def test_flattened_all_reduce_and_broadcast_object(ranks):
+    for r in (r["collectives"] for r in ranks):
         assert torch.equal(r["tensors"]["a"], torch.full((2, 3), 3.0))
         assert torch.equal(r["tensors"]["b"], torch.arange(4, dtype=torch.float64) * 3)
         assert r["tensors"]["b"].dtype == torch.float64
@@ -50,16 +55,41 @@ def test_flattened_all_reduce_and_broadcast_object():
         assert r["seed"] == 1000
 
 
-def test_plain_ddp_is_refused_with_the_fix():
-    messages = run_ranks(plain_ddp_refused, 2)
-    assert all("dpcore.DPDDP" in m and "DistributedDataParallel" in m for m in messages)
+def test_plain_ddp_is_refused_with_the_fix(ranks):
+    for r in ranks:
+        assert "dpcore.DPDDP" in r["plain_ddp"] and "DistributedDataParallel" in r["plain_ddp"]
 
 
+def test_sampler_ranks_share_rank0_stream(ranks):
+    """Built as the engine does (a different generator per rank), the ranks still draw
+    from rank 0's stream, so rank 0's state restores both."""
+    r0, r1 = (r["sampler"] for r in ranks)
+    assert torch.equal(r0["state"]["generator"], r1["state"]["generator"])
+    reference = dpcore.get_registry().create(
+        "sampler",
+        "distributed_poisson",
+        {"steps_per_epoch": 6},
+        num_samples=40,
+        sample_rate=0.3,
+        generator=make_generator(7, "sampler", 0),
+    )
+    union = [sorted(a + b) for a, b in zip(r0["batches"], r1["batches"], strict=True)]
+    assert union == list(reference)
+    assert all(i % 2 == 1 for b in r1["batches"] for i in b)
+
+
+# -- no process group / a group of one, in this process --------------------------------
 def test_uninitialised_backend_is_a_clear_error():
     assert not D.is_distributed()
     assert (D.rank(), D.world_size()) == (0, 1)
     with pytest.raises(DistributedError, match="init_process_group"):
         dpcore.DPDDP(tiny_model(0))
+    from dpcore.optimizer import DPOptimizer
+
+    with pytest.raises(DistributedError, match="torchrun"):
+        DPOptimizer(torch.optim.SGD(tiny_model(0).parameters(), lr=0.1), grad_sampler=None,
+                    clipper=None, noise=None, noise_multiplier=1.0, expected_batch_size=4.0,
+                    distributed=True)  # fmt: skip
 
 
 def test_wrapper_behaves_like_the_model(single_rank_group):

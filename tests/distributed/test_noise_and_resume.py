@@ -1,0 +1,103 @@
+"""Noise is added once per step (not once per rank), and a killed distributed run resumes
+to the state of an uninterrupted one."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from dist_harness import run_ranks
+from dist_workers import private_run, private_runs
+from scipy import stats
+from torch.multiprocessing import ProcessExitedException
+
+SIGMA, CLIP, N, BATCH = 1.3, 0.7, 40, 20
+NOISE_SPEC = {
+    "zero_gradients": True,  # the clipped sums are 0: p.grad after a step is noise / (qN)
+    "noise_multiplier": SIGMA,
+    "max_grad_norm": CLIP,
+    "d_in": 300,  # 1,523 parameters
+    "n": N,
+    "batch_size": BATCH,
+    "steps": 4,
+    "lr": 0.0,
+}
+RESUME_SPEC = {
+    "noise_multiplier": 0.8,
+    "clipping": "adaptive",
+    "max_grad_norm": 0.3,
+    "steps": 7,  # four steps per epoch: the run crosses an epoch boundary
+}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    specs = [
+        NOISE_SPEC,
+        {**NOISE_SPEC, "faulty_noise": "same"},
+        {**NOISE_SPEC, "faulty_noise": "independent"},
+        RESUME_SPEC,
+    ]
+    r0, r1 = run_ranks(private_runs, 2, specs)
+    return dict(
+        zip(["noise", "same", "independent", "straight"], zip(r0, r1, strict=True), strict=True)
+    )
+
+
+def single_addition_pvalue(grads: torch.Tensor) -> float:
+    """Two-sided p-value of 'each coordinate is N(0, s^2)' with s the std of ONE addition
+    at the global scale: s = sigma * C / (q N), q N = the global expected batch."""
+    s = SIGMA * CLIP / BATCH
+    statistic = float((grads.double() / s).pow(2).sum())
+    n = grads.numel()
+    return 2 * min(stats.chi2.sf(statistic, n), stats.chi2.cdf(statistic, n))
+
+
+def test_noise_is_added_once_at_the_global_scale(runs):
+    r0, r1 = runs["noise"]
+    grads = torch.stack(r0["grads"])
+    assert all(torch.equal(a, b) for a, b in zip(r0["grads"], r1["grads"], strict=True))
+    assert grads.numel() > 6000
+    # variance: one addition of N(0, (sigma C)^2) to the global sum, divided by q N
+    assert single_addition_pvalue(grads) > 1e-3
+    assert stats.kstest((grads / (SIGMA * CLIP / BATCH)).flatten().numpy(), "norm").pvalue > 1e-3
+    # exactly the draw a single process makes with the same seed: rank 0's stream, once
+    single = private_run(0, 1, {**NOISE_SPEC, "ddp": False})
+    assert all(torch.equal(a, b) for a, b in zip(r0["grads"], single["grads"], strict=True))
+
+
+@pytest.mark.parametrize("how", ["same", "independent"])
+def test_the_variance_test_rejects_noise_added_on_every_rank(runs, how):
+    r0, r1 = runs[how]
+    grads = torch.stack(r0["grads"])
+    assert all(torch.equal(a, b) for a, b in zip(r0["grads"], r1["grads"], strict=True))
+    assert single_addition_pvalue(grads) < 1e-9
+    # the measured variance is what per-rank addition predicts: 2x (independent), 4x (same)
+    ratio = float(grads.double().pow(2).mean()) / (SIGMA * CLIP / BATCH) ** 2
+    assert ratio == pytest.approx(4.0 if how == "same" else 2.0, rel=0.1)
+
+
+def test_epsilon_and_steps_agree_on_all_ranks(runs):
+    r0, r1 = runs["straight"]
+    assert r0["epsilon"] == r1["epsilon"] and math.isfinite(r0["epsilon"])
+    assert r0["accounted_steps"] == r1["accounted_steps"] == RESUME_SPEC["steps"]
+    # adaptive clipping: the bound moved, identically on both ranks (count summed, one noise)
+    assert r0["max_grad_norm"] == r1["max_grad_norm"] != RESUME_SPEC["max_grad_norm"]
+    single = private_run(0, 1, {**RESUME_SPEC, "ddp": False})
+    assert r0["epsilon"] == pytest.approx(single["epsilon"])
+
+
+def test_killed_distributed_run_resumes_to_the_uninterrupted_state(runs, tmp_path):
+    ckpt = str(tmp_path / "run.pt")
+    with pytest.raises(ProcessExitedException):  # SIGKILL right after the checkpoint
+        run_ranks(private_run, 2, {**RESUME_SPEC, "save_at": 3, "ckpt": ckpt, "kill": True})
+    r0, r1 = run_ranks(private_run, 2, {**RESUME_SPEC, "resume": ckpt})
+    straight, _ = runs["straight"]
+    for key, value in straight["final"].items():
+        assert torch.equal(r0["final"][key], value), key
+        assert torch.equal(r1["final"][key], value), key
+    assert r0["epsilon"] == r1["epsilon"] == straight["epsilon"]
+    assert r0["max_grad_norm"] == straight["max_grad_norm"]
+    assert np.allclose(r0["grads"][-1], straight["grads"][-1], atol=0)
