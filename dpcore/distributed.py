@@ -21,9 +21,11 @@ and the refusal of plain :class:`~torch.nn.parallel.DistributedDataParallel`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -40,6 +42,7 @@ __all__ = [
     "collective_device",
     "config_fingerprint",
     "is_distributed",
+    "process_group_from_env",
     "rank",
     "reject_plain_ddp",
     "require_initialized",
@@ -83,6 +86,37 @@ def require_initialized(what: str = "private distributed training") -> None:
         raise DistributedError(
             f"{what} needs an initialised torch.distributed process group. {_INIT_HINT}"
         )
+
+
+@contextlib.contextmanager
+def process_group_from_env(backend: str | None = None) -> Iterator[bool]:
+    """Join the process group that ``torchrun`` describes, for the duration of the block.
+
+    If ``torchrun`` (or another launcher) set ``RANK`` and ``WORLD_SIZE`` and no group
+    exists yet, initialise the default group (``backend`` default: NCCL when CUDA is
+    available, with this process on GPU ``LOCAL_RANK``; gloo otherwise) and destroy it on
+    exit. Otherwise do nothing. Yields whether a process group exists inside the block.
+    ``dpcore train`` runs inside this, so ``torchrun --nproc-per-node N -m dpcore train``
+    works as it is.
+    """
+    created = False
+    if (
+        dist.is_available()
+        and not dist.is_initialized()
+        and "RANK" in os.environ
+        and "WORLD_SIZE" in os.environ
+    ):
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+        created = True
+    try:
+        yield is_distributed()
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def collective_device() -> torch.device:

@@ -557,9 +557,11 @@ def train(
 
     seed = cfg.engine.seed
     if seed is None:
+        from .distributed import broadcast_object
         from .rng import fresh_seed
 
-        seed = fresh_seed()
+        # [distributed owner] one seed for all ranks (rank 0's); no-op in one process
+        seed = broadcast_object(fresh_seed())
     engine_cfg = cfg.engine.model_copy(update={"seed": seed})
 
     # Everything that can fail on a bad config happens here, before any step.
@@ -837,7 +839,8 @@ def _run_epoch(
             before = int(engine.steps)
             optimizer.step()
             n = int(targets.shape[0])
-            loss_sum += float(loss.detach()) * (n if cfg.engine.loss_reduction == "mean" else 1)
+            if n:  # [distributed owner] an empty (local) batch has a NaN mean loss
+                loss_sum += float(loss.detach()) * (n if cfg.engine.loss_reduction == "mean" else 1)
             count += n
             at_boundary = int(engine.steps) > before
             if at_boundary:

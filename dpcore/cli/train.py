@@ -55,9 +55,11 @@ def train(
 
         typer.echo(DEFAULT_CONFIG_TOML, nl=False)
         return
+    from ..distributed import process_group_from_env
     from ..train import train as run_training
 
-    with user_errors():
+    # [distributed owner] under torchrun, join the process group for the whole run
+    with user_errors(), process_group_from_env():
         result = run_training(
             config,
             resume=resume,
