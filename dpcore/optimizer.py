@@ -187,11 +187,12 @@ class DPOptimizer(Optimizer):
         factors = self.clipper.clip_factors(sq_norms)
         sums = gs.clipped_sums(factors)
         for name, value in sums.items():
-            value = value.detach()
+            # fp32 running sum (low-precision models lose nothing over many passes); a copy,
+            # so a grad sampler may reuse its buffers
             if name in self._summed:
-                self._summed[name] = self._summed[name] + value
+                self._summed[name].add_(value.detach().to(torch.float32))
             else:
-                self._summed[name] = value
+                self._summed[name] = value.detach().to(torch.float32, copy=True)
         self.backward_passes += 1
         self.samples_seen += next((int(v.shape[0]) for v in sq_norms.values()), 0)
 
@@ -253,7 +254,7 @@ class DPOptimizer(Optimizer):
             grads[name] = (
                 torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 if s is None
-                else s.to(dtype=torch.float32).reshape(p.shape).clone()
+                else s.reshape(p.shape)
             )
         std = (
             self.clipper.gradient_noise_multiplier(self.noise_multiplier)
@@ -308,7 +309,9 @@ class DPOptimizer(Optimizer):
         # calls): training it on the clipped sum alone would silently drop that use.
         witness = self._zero_grad_witness[1] if self._zero_grad_witness else None
         missing = []
-        if self.backward_passes > 0:
+        # Checked at the first real step only: it reads every gradient (a device sync per
+        # parameter), and such a model shows the problem from its first step.
+        if self.backward_passes > 0 and self.steps == 0 and not self._skip_next:
             for n, p in covered.items():
                 if p.grad is None or p.grad is witness or not bool(p.grad.ne(0).any()):
                     continue

@@ -31,30 +31,8 @@ def grad_sampler_names() -> list[str]:
     return get_registry().names("grad_sampler")
 
 
-def _register_accountants_if_missing() -> None:
-    # TEMPORARY while the accounting work lands: register the real accountant classes.
-    registry = get_registry()
-    if registry.names("accountant"):
-        return
-    from dpcore.builtins.accountants.prv import PRVAccountant, PRVOptions
-    from dpcore.builtins.accountants.rdp import RDPAccountant, RDPOptions
-    from dpcore.registry import PluginInfo
-
-    registry._add(
-        PluginInfo(
-            "accountant", "rdp", "dpcore", "", "rdp", "t", obj=RDPAccountant, options=RDPOptions
-        )
-    )
-    registry._add(
-        PluginInfo(
-            "accountant", "prv", "dpcore", "", "prv", "t", obj=PRVAccountant, options=PRVOptions
-        )
-    )
-
-
 @pytest.fixture
 def accountant_name() -> str:
-    _register_accountants_if_missing()
     names = get_registry().names("accountant")
     if not names:
         pytest.skip("no accountant plugin installed")
