@@ -358,8 +358,12 @@ class CanaryAudit:
         alpha: float = 0.05,
         selection: str = "grid",
         magnitude_factor: float = DEFAULT_MAGNITUDE_FACTOR,
+        synthetic: bool = False,
     ) -> None:
         self.engine = engine
+        #: True when the data's gradients are zero (``dpcore audit``): mu_hat must then match
+        #: mu_expected from both sides; with real data it may only fall short of it
+        self.synthetic = bool(synthetic)
         self.count = int(canaries)
         self.seed = seed
         self.alpha = float(alpha)
@@ -460,4 +464,5 @@ class CanaryAudit:
             noise_multiplier=float(opt.noise_multiplier),
             sensitivity=float(opt.clipper.sensitivity()),
             plugins=plugins,
+            two_sided=self.synthetic,
         )

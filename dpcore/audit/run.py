@@ -72,7 +72,7 @@ def run_audit(
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader
     )
-    audit = CanaryAudit(engine, canaries, alpha=alpha, selection=selection).attach()
+    audit = CanaryAudit(engine, canaries, alpha=alpha, selection=selection, synthetic=True).attach()
     try:
         taken = 0
         while taken < steps:
