@@ -132,7 +132,9 @@ class TrainSettings(BaseModel):
     )
     lr: float = Field(default=0.1, gt=0, description="learning rate")
     batch_size: int = Field(
-        default=256, gt=0, description="expected (logical) batch size; sample rate = this / N"
+        default=256,
+        gt=0,
+        description="expected (logical) batch size; sample rate = 1 / ceil(N / batch_size)",
     )
     max_physical_batch_size: int | None = Field(
         default=None, gt=0, description="split logical batches for memory (BatchMemoryManager)"

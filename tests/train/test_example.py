@@ -29,8 +29,9 @@ def test_default_config_is_the_documented_bar():
 
 def test_dpcore_train_smoke_one_epoch(tmp_path):
     run_dir = tmp_path / "run"
-    res = CliRunner().invoke(app, ["train", "--epochs", "1", "--run-dir", str(run_dir),
-                                   "--no-progress"])
+    res = CliRunner().invoke(
+        app, ["train", "--epochs", "1", "--run-dir", str(run_dir), "--no-progress"]
+    )
     assert res.exit_code == 0, res.output
     assert "summary" in res.output and "test accuracy" in res.output
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,6 +1,7 @@
 """N steps straight == k steps, checkpoint, a NEW PROCESS loads it and takes N - k steps:
 bitwise identical parameters and identical epsilon, for every built-in sampler, clipper,
-noise mechanism and accountant, with and without BatchMemoryManager."""
+noise mechanism, accountant and grad sampler, with and without BatchMemoryManager (the
+model has dropout, so torch's global random state must be restored too)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ CASES: dict[str, dict] = {
             noise={"name": "bandmf", "bands": 2}, sampler={"name": "cyclic_poisson"}
         )
     },
-    "grad_sampler-bk": {"config": w.base_config(grad_sampler={"name": "bk"})},
+    **{
+        f"grad_sampler-{gs}": {"config": w.base_config(grad_sampler={"name": gs})}
+        for gs in ("bk", "ghost", "functorch", "ew")
+    },
     "batch-memory-manager": {"config": w.base_config(), "max_physical_batch_size": 3},
 }
 
