@@ -39,7 +39,9 @@ _MAGIC = "dpcore_checkpoint"
 
 #: Engine-state entries that decide the privacy guarantee; a resumed run must agree on
 #: them (or the caller must say that the change is intended).
-PRIVACY_STATE_KEYS = ("sample_rate", "noise_multiplier", "num_samples", "world_size")
+#: (The world size is not among them: the engine lets a run resume on another number of
+#: ranks when its sampler re-shards exactly, and refuses otherwise. [distributed owner])
+PRIVACY_STATE_KEYS = ("sample_rate", "noise_multiplier", "num_samples")
 #: Config entries compared as well (components with their options, clipping bound).
 PRIVACY_CONFIG_KEYS = ("max_grad_norm", "clipper", "noise", "sampler", "accountant")
 
@@ -423,7 +425,7 @@ def merge_changed_config(saved: Mapping[str, Any], current: Mapping[str, Any]) -
         if key in saved and _same(saved_cfg.get(key), current_cfg.get(key)):
             if key == "sampler" and not all(
                 _same(saved.get(k), current.get(k))
-                for k in ("sample_rate", "num_samples", "world_size")
+                for k in ("sample_rate", "num_samples")
             ):
                 continue  # a position within an epoch means nothing at another rate or size
             merged[key] = saved[key]

@@ -619,6 +619,8 @@ class PrivacyEngine:
         is made private (the accountant is restored at once)."""
         if int(state.get("format", 0)) != STATE_FORMAT:
             raise PrivacyEngineError(f"unknown engine state format {state.get('format')!r}")
+        if self.optimizer is not None:
+            self._check_world_size(state)
         self.accountant.load_state_dict(state["accountant"])
         if self.optimizer is None:
             self._pending_state = state
@@ -634,6 +636,24 @@ class PrivacyEngine:
             self.clipper_generator.set_state(gens["clipper"])
         self.steps = int(state["steps"])
         self.optimizer.steps = self.steps
+
+    def _check_world_size(self, state: Mapping[str, Any]) -> None:
+        """[distributed owner] A run may resume on another number of ranks only if its
+        sampler's global batches do not depend on it (``distributed_poisson``,
+        ``cyclic_poisson``, single-process ``poisson``): then rank 0's sampler state
+        re-shards exactly. Otherwise the restored position would mean other batches."""
+        saved = int(state.get("world_size", 1) or 1)
+        if saved == self.world_size or getattr(self.sampler, "world_size_independent", False):
+            return
+        from .errors import DistributedError
+
+        raise DistributedError(
+            f"the checkpoint was written by a run on {saved} rank(s), this run has "
+            f"{self.world_size}, and sampler {type(self.sampler).__name__} cannot re-shard its "
+            f"state to another world size. Resume on {saved} rank(s) (torchrun "
+            f"--nproc-per-node {saved}), or use the 'poisson' sampler (distributed_poisson "
+            "under DPDDP), whose global batches do not depend on the world size."
+        )
 
     def save_checkpoint(
         self,

@@ -147,6 +147,7 @@ DEFAULT_RUN: dict[str, Any] = {
     "ckpt": None,
     "zero_gradients": False,  # loss * 0: p.grad after the step is pure noise / (qN)
     "faulty_noise": None,  # None | "same" | "independent": noise added on every rank
+    "sampler": None,
 }
 
 
@@ -188,8 +189,9 @@ def private_run(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, A
         grad_sample_mode=spec["grad_sample_mode"],
         clipping=spec["clipping"],
         seed=spec["seed"],
-        # in one process, draw the global batches exactly as the ranks' union
-        sampler=None if spec["ddp"] else "distributed_poisson",
+        # by default "poisson": distributed_poisson under DPDDP; in one process its draws
+        # are the same global batches as the ranks' union
+        sampler=spec["sampler"],
     )
     if spec["faulty_noise"]:
         _break_noise_once(optimizer, spec["faulty_noise"], spec["seed"], rank)

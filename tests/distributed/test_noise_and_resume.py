@@ -13,6 +13,8 @@ from dist_workers import private_run, private_runs
 from scipy import stats
 from torch.multiprocessing import ProcessExitedException
 
+from dpcore.errors import DistributedError
+
 SIGMA, CLIP, N, BATCH = 1.3, 0.7, 40, 20
 NOISE_SPEC = {
     "zero_gradients": True,  # the clipped sums are 0: p.grad after a step is noise / (qN)
@@ -89,11 +91,17 @@ def test_epsilon_and_steps_agree_on_all_ranks(runs):
     assert r0["epsilon"] == pytest.approx(single["epsilon"])
 
 
-def test_killed_distributed_run_resumes_to_the_uninterrupted_state(runs, tmp_path):
-    ckpt = str(tmp_path / "run.pt")
-    with pytest.raises(ProcessExitedException):  # SIGKILL right after the checkpoint
+@pytest.fixture(scope="module")
+def killed_run_checkpoint(tmp_path_factory):
+    """A 2-rank run SIGKILLed right after its checkpoint at step 3 (of 7)."""
+    ckpt = str(tmp_path_factory.mktemp("killed") / "run.pt")
+    with pytest.raises(ProcessExitedException):
         run_ranks(private_run, 2, {**RESUME_SPEC, "save_at": 3, "ckpt": ckpt, "kill": True})
-    r0, r1 = run_ranks(private_run, 2, {**RESUME_SPEC, "resume": ckpt})
+    return ckpt
+
+
+def test_killed_distributed_run_resumes_to_the_uninterrupted_state(runs, killed_run_checkpoint):
+    r0, r1 = run_ranks(private_run, 2, {**RESUME_SPEC, "resume": killed_run_checkpoint})
     straight, _ = runs["straight"]
     for key, value in straight["final"].items():
         assert torch.equal(r0["final"][key], value), key
@@ -101,3 +109,36 @@ def test_killed_distributed_run_resumes_to_the_uninterrupted_state(runs, tmp_pat
     assert r0["epsilon"] == r1["epsilon"] == straight["epsilon"]
     assert r0["max_grad_norm"] == straight["max_grad_norm"]
     assert np.allclose(r0["grads"][-1], straight["grads"][-1], atol=0)
+
+
+@pytest.mark.parametrize("ddp", [True, False], ids=["dpddp-1-rank", "one-process"])
+def test_resuming_on_another_world_size_reshards_exactly(
+    runs, killed_run_checkpoint, single_rank_group, ddp
+):
+    """The 2-rank checkpoint resumed on 1 rank (DPDDP) or in a plain process: the same
+    global batches, noise and clipping, so the same final state (up to float summation
+    order)."""
+    resumed = private_run(0, 1, {**RESUME_SPEC, "resume": killed_run_checkpoint, "ddp": ddp})
+    s0, s1 = runs["straight"]
+    for step, batch in resumed["batches"].items():
+        assert sorted(batch) == sorted(s0["batches"][step] + s1["batches"][step]), step
+    assert sorted(resumed["batches"]) == list(range(3, RESUME_SPEC["steps"]))
+    for key, value in s0["final"].items():
+        torch.testing.assert_close(resumed["final"][key], value, atol=1e-6, rtol=1e-5)
+    assert resumed["epsilon"] == pytest.approx(s0["epsilon"])
+
+
+def test_a_sampler_that_cannot_reshard_refuses_another_world_size(
+    killed_run_checkpoint, monkeypatch
+):
+    from dpcore.builtins.samplers.poisson import PoissonSampler
+
+    original = PoissonSampler.__init__
+
+    def not_reshardable(self, **kwargs):
+        original(self, **kwargs)
+        self.world_size_independent = False
+
+    monkeypatch.setattr(PoissonSampler, "__init__", not_reshardable)
+    with pytest.raises(DistributedError, match=r"written by a run on 2 rank\(s\), this run has 1"):
+        private_run(0, 1, {**RESUME_SPEC, "resume": killed_run_checkpoint, "ddp": False})

@@ -50,6 +50,8 @@ class CyclicPoissonSampler:
     """Cyclic Poisson sampling: group ``step mod k``, each member with probability ``q k``."""
 
     dp_exact = True
+    #: the global batches do not depend on the world size (checkpoints re-shard exactly)
+    world_size_independent = True
 
     def __init__(
         self,

@@ -49,6 +49,8 @@ class DistributedPoissonSampler(ResumableEpochs):
 
     min_separation = 1
     dp_exact = True
+    #: the global batches do not depend on the world size (checkpoints re-shard exactly)
+    world_size_independent = True
 
     def __init__(
         self,

@@ -57,6 +57,9 @@ class PoissonSampler(ResumableEpochs):
         self.steps_per_epoch = steps_per_epoch or max(1, round(1 / self.sample_rate))
         self.expected_batch_size = self.sample_rate * num_samples
         self._indices = torch.arange(rank, num_samples, world_size)
+        # [distributed owner] in one process its draws are distributed_poisson's, whose
+        # global batches do not depend on the world size: a checkpoint re-shards exactly
+        self.world_size_independent = world_size == 1
 
     def __len__(self) -> int:
         return self.steps_per_epoch
