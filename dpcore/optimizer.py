@@ -365,6 +365,11 @@ class DPOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         self.original_optimizer.load_state_dict(state_dict)
+        # [checkpoint owner] torch's load_state_dict replaces the inner optimizer's
+        # param_groups and state with new objects; share them again, or LR schedulers
+        # (which hold this optimizer) would change a stale copy after a resume.
+        self.param_groups = self.original_optimizer.param_groups
+        self.state = self.original_optimizer.state
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__
