@@ -355,7 +355,9 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} does not fit this model: {_first_line(exc)}"
         ) from None
     if optimizer is not None and data.get("optimizer") is not None:
-        unwrap_optimizer(optimizer).load_state_dict(data["optimizer"])
+        # through the DP optimizer (it delegates to the inner one and keeps sharing its
+        # param groups with it, which LR schedulers rely on)
+        optimizer.load_state_dict(data["optimizer"])
     if lr_scheduler is not None and data.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(data["lr_scheduler"])
     engine.load_state_dict(engine_state)
@@ -424,8 +426,7 @@ def merge_changed_config(saved: Mapping[str, Any], current: Mapping[str, Any]) -
     for key in ("clipper", "noise", "sampler"):
         if key in saved and _same(saved_cfg.get(key), current_cfg.get(key)):
             if key == "sampler" and not all(
-                _same(saved.get(k), current.get(k))
-                for k in ("sample_rate", "num_samples")
+                _same(saved.get(k), current.get(k)) for k in ("sample_rate", "num_samples")
             ):
                 continue  # a position within an epoch means nothing at another rate or size
             merged[key] = saved[key]
