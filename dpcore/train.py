@@ -507,6 +507,8 @@ class TrainResult:
     engine: Any = field(repr=False)
     checkpoint: Path | None = None
     signal: str | None = None
+    #: the canary audit's report (``audit=M``), a :class:`dpcore.audit.AuditReport`
+    audit: Any = None
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -524,6 +526,7 @@ def train(
     console: Any = None,
     progress: bool | None = None,
     stop: StopRequest | None = None,
+    audit: int | None = None,
 ) -> TrainResult:
     """Run a private training job from a config (``None``: the built-in digits example).
 
@@ -539,6 +542,8 @@ def train(
         console: a ``rich.console.Console`` for output (default: stdout).
         progress: show rich progress bars (default: when the console is a terminal).
         stop: a :class:`StopRequest` to stop the run from outside (tests, callbacks).
+        audit: insert this many canaries and report one-run lower bounds on epsilon at
+            the end (summary and ``metrics.jsonl``); see ``docs/auditing.md``.
     """
     from rich.console import Console
 
@@ -578,6 +583,13 @@ def train(
     optimizer = build_optimizer(cfg.train, model)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size)
     engine, model, optimizer, loader = _make_private(engine_cfg, model, optimizer, loader, dist)
+    canary_audit = None
+    if audit:
+        if checkpoint is not None:
+            raise ConfigError("--audit cannot resume a run: canary scores are not checkpointed")
+        from .audit import CanaryAudit
+
+        canary_audit = CanaryAudit(engine, canaries=audit).attach()
 
     start_epoch, resumed_from = 0, None
     if checkpoint is not None:
@@ -689,6 +701,9 @@ def train(
         checkpoint=saved,
         signal=signal.Signals(stop.signal).name if stop.signal else None,
     )
+    if canary_audit is not None and result.steps > 0:
+        result.audit = canary_audit.report(claimed_epsilon=epsilon, delta=delta)
+        _append_metrics(run_path, {"event": "audit", **result.audit.to_dict()})
     _append_metrics(
         run_path,
         {
@@ -702,6 +717,14 @@ def train(
     )
     if main:
         _print_summary(console, result, cfg, budget)
+        if result.audit is not None:
+            a = result.audit
+            console.print(
+                f"audit ({a.canaries} canaries): epsilon lower bound {a.epsilon_lower_bound:.3f} "
+                f"(f-DP {a.epsilon_lower_bound_fdp:.3f}) vs claimed {a.claimed_epsilon:.3f}; "
+                f"verdict {a.verdict}" + "".join(f"\n  - {r}" for r in a.reasons),
+                highlight=False,
+            )
     return result
 
 

@@ -41,6 +41,13 @@ def train(
     progress: Optional[bool] = typer.Option(
         None, "--progress/--no-progress", help="Progress bars [default: when on a terminal]."
     ),
+    audit: Optional[int] = typer.Option(
+        None,
+        "--audit",
+        min=2,
+        help="Insert this many canaries and report one-run lower "
+        "bounds on epsilon at the end (see docs/auditing.md).",
+    ),
     print_default_config: bool = typer.Option(
         False, "--print-default-config", help="Print the built-in example's config and exit."
     ),
@@ -68,6 +75,7 @@ def train(
             allow_config_change=allow_config_change,
             console=console,
             progress=progress,
+            audit=audit,
         )
     if result.stopped == "interrupted" and result.signal is not None:
         # Conventional exit status of a process ended by a signal (130 for SIGINT, 143 for

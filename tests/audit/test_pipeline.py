@@ -34,13 +34,23 @@ def faulty_plugins() -> None:
     reset_registry()
 
 
-def eps1_config(**components: object) -> dict:
-    return {"target_epsilon": 1.0, "epochs": 1, "delta": 1e-5, "max_grad_norm": 1.0, "seed": 0,
+@pytest.fixture(scope="module")
+def sigma_eps1() -> float:
+    """Noise for epsilon = 1 over the audits' 100 steps at rate 0.1 (calibrated once)."""
+    import dpcore
+
+    return dpcore.get_noise_multiplier(
+        target_epsilon=1.0, target_delta=1e-5, sample_rate=0.1, steps=100
+    )
+
+
+def eps1_config(sigma: float, **components: object) -> dict:
+    return {"noise_multiplier": sigma, "delta": 1e-5, "max_grad_norm": 1.0, "seed": 0,
             **components}  # fmt: skip
 
 
-def test_correct_pipeline_stays_below_its_claim() -> None:
-    report = run_audit(eps1_config(), canaries=1000, steps=100)
+def test_correct_pipeline_stays_below_its_claim(sigma_eps1: float) -> None:
+    report = run_audit(eps1_config(sigma_eps1), canaries=1000, steps=100)
     assert report.claimed_epsilon == pytest.approx(1.0, abs=0.011)
     assert 0 <= report.epsilon_lower_bound <= report.claimed_epsilon
     assert report.epsilon_lower_bound_fdp <= report.claimed_epsilon
@@ -95,11 +105,12 @@ def test_cli_exits_1_and_prints_the_report_as_json(faulty_plugins: None, tmp_pat
 
 
 @pytest.mark.plugins
-def test_half_noise_is_caught_by_calibration(faulty_plugins: None) -> None:
-    correct = run_audit(eps1_config(), canaries=10_000, steps=100)
+def test_half_noise_is_caught_by_calibration(faulty_plugins: None, sigma_eps1: float) -> None:
+    correct = run_audit(eps1_config(sigma_eps1), canaries=10_000, steps=100)
     assert correct.verdict == "pass"
     assert correct.mu_tolerance / correct.mu_expected < 0.3
-    half = run_audit(eps1_config(noise={"name": "faulty_half_noise"}), canaries=10_000, steps=100)
+    half_noise = eps1_config(sigma_eps1, noise={"name": "faulty_half_noise"})
+    half = run_audit(half_noise, canaries=10_000, steps=100)
     assert half.mu_hat > half.mu_expected + half.mu_tolerance
     assert half.verdict == "fail"
     assert any("mu_hat" in r for r in half.reasons)
