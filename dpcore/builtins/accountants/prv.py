@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -365,7 +366,7 @@ class PRVAccountant(HistoryAccountant):
         self.eps_error = float(eps_error)
         self.delta_error = delta_error
         self.max_grid = int(max_grid)
-        self._cache: tuple[tuple, dict[str, DeltaCurve], float] | None = None
+        self._cache: tuple[tuple, list[tuple[DeltaCurve, float]]] | None = None
 
     def get_epsilon(self, delta: float) -> float:
         """A certified upper bound on epsilon (:meth:`get_epsilon_bounds` ``.upper``)."""
@@ -384,22 +385,21 @@ class PRVAccountant(HistoryAccountant):
             return EpsilonBounds(0.0, 0.0, 0.0)
         if any(sigma == 0 for sigma, _ in events):
             return EpsilonBounds(math.inf, math.inf, math.inf)
-        curves, t = self._curves(events, delta_error)
-        est = [c.epsilon(delta) for c in curves.values()]
-        upper = [c.epsilon(delta - delta_error) for c in curves.values()]
-        lower = [c.epsilon(delta + delta_error) for c in curves.values()]
+        # delta(epsilon) is the larger of the two directions', so epsilon(delta) is too.
+        curves = self._curves(events, delta_error)
         return EpsilonBounds(
-            lower=max(0.0, max(lower) - t),
-            estimate=max(0.0, max(est)),
-            upper=max(0.0, max(upper) + t),
+            lower=max(0.0, *(c.epsilon(delta + delta_error) - t for c, t in curves)),
+            estimate=max(0.0, *(c.epsilon(delta) for c, _ in curves)),
+            upper=max(0.0, *(c.epsilon(delta - delta_error) + t for c, t in curves)),
         )
 
     def _curves(
         self, events: dict[tuple[float, float], int], delta_error: float
-    ) -> tuple[dict[str, DeltaCurve], float]:
+    ) -> list[tuple[DeltaCurve, float]]:
+        """Per neighbouring direction: its delta curve and its epsilon error t."""
         key = (tuple(sorted(events.items())), delta_error, self.eps_error, self.max_grid)
         if self._cache is not None and self._cache[0] == key:
-            return self._cache[1], self._cache[2]
+            return self._cache[1]
         total = sum(events.values())
         # Round the step count up to a power of 2^(1/8) so the discretised steps are
         # cached across nearby step counts (a finer mesh than needed is still valid).
@@ -408,9 +408,10 @@ class PRVAccountant(HistoryAccountant):
         log_inv_rounding = math.log(2 / delta_error)
         tau = delta_error / (8 * t_mesh)
         log_inv_wrap = math.log(8 / delta_error)
-        h = self.eps_error / math.sqrt(t_mesh * log_inv_rounding / 2)
-        curves: dict[str, DeltaCurve] = {}
-        for direction in ("remove", "add"):
+        h0 = self.eps_error / math.sqrt(t_mesh * log_inv_rounding / 2)
+
+        def curve(direction: Direction) -> tuple[DeltaCurve, float]:
+            h = h0
             for _ in range(60):
                 steps = [
                     (discretise(sigma, q, direction, h, tau), count)
@@ -425,7 +426,20 @@ class PRVAccountant(HistoryAccountant):
                 raise AccountingError("could not fit the composed privacy loss on the grid")
             t = h * math.sqrt(total * log_inv_rounding / 2)
             # epsilon below -t - 1 is reported as 0 anyway: skip that part of the curve
-            curves[direction] = compose(steps, h, (lo, hi), floor=-t - 1.0)
-            # the other direction starts from this mesh (or coarser, if it needs it)
-        self._cache = (key, curves, t)
-        return curves, t
+            return compose(steps, h, (lo, hi), floor=-t - 1.0), t
+
+        # The two directions are independent and numpy/scipy release the GIL: use both
+        # cores when they are free.
+        curves = list(_executor().map(curve, ("remove", "add")))
+        self._cache = (key, curves)
+        return curves
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dpcore-prv")
+    return _pool
