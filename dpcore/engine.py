@@ -307,10 +307,8 @@ class PrivacyEngine:
             if field == "max_grad_norm" and not isinstance(value, (int, float)):
                 value = [float(v) for v in value]
             base[field] = value
-        if "sampler" not in base and not poisson_sampling:
+        if given.get("sampler") is None and not poisson_sampling:
             base["sampler"] = {"name": "shuffle"}
-        if "grad_sampler" not in base:
-            base["grad_sampler"] = {"name": "hooks"}
         base["accountant"] = self.accountant_config.model_dump()
         if delta is not None:
             base["delta"] = delta

@@ -33,7 +33,6 @@ def grad_sampler_names() -> list[str]:
 
 @pytest.fixture
 def accountant_name() -> str:
-    names = get_registry().names("accountant")
-    if not names:
-        pytest.skip("no accountant plugin installed")
-    return "rdp" if "rdp" in names else names[0]
+    """The engine tests account with the (fast) built-in RDP accountant."""
+    assert "rdp" in get_registry().names("accountant"), get_registry().failures
+    return "rdp"
