@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import Workload, workloads  # noqa: E402
+from models import Workload, workloads
 
 app = typer.Typer(add_completion=False)
 console = Console(width=160)
@@ -167,6 +167,7 @@ def _dpcore(mode: str) -> Callable[..., Callable[[], None]]:
             opt.step()
 
         step.engine = engine  # type: ignore[attr-defined]  # keep it alive with the step
+        step.optimizer = opt  # type: ignore[attr-defined]
         return step
 
     return setup
@@ -317,7 +318,7 @@ def run_one(
             )
             if kwargs:
                 row["note"] = "position ids expanded to the batch (broadcast ones are refused)"
-        except Exception as exc:  # noqa: BLE001 - one failing mode must not stop the suite
+        except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             if not isinstance(exc, torch.cuda.OutOfMemoryError):
                 row["traceback"] = traceback.format_exc(limit=-3)

@@ -92,6 +92,7 @@ class Unit:
     batch_dim: int
     calls: list[Call] = field(default_factory=list)
     shared: bool = False  # owns a parameter that another unit also uses
+    kernel: Any = None  # dpcore's fused arithmetic for this layer, if any
 
     def qualify(self, local: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {self.names[n]: t for n, t in local.items() if n in self.names}
@@ -105,7 +106,7 @@ class Unit:
 # ----------------------------------------------------------------------------------------
 # Taps: the layer's computation as one autograd function that skips weight gradients
 # ----------------------------------------------------------------------------------------
-def _compute_dtype(x: Tensor) -> torch.dtype | None:
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     kind = x.device.type
     if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
@@ -118,24 +119,51 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t.to(dtype)
 
 
-class _LinearOp:
-    @staticmethod
-    def forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return F.linear(x, w, b)
+class _Op:
+    """How a tapped layer type computes its output and its input gradient."""
+
+    #: under autocast: "low" runs in the autocast dtype (matmul-like layers), "fp32" in
+    #: float32 (normalisations, as autocast does), "none" leaves inputs alone
+    autocast = "low"
+
+    @classmethod
+    def dtype(cls, x: Tensor) -> torch.dtype | None:
+        if cls.autocast == "none":
+            return None
+        low = _autocast_dtype(x)
+        if low is None:
+            return None
+        return low if cls.autocast == "low" else torch.float32
 
     @staticmethod
-    def input_grad(layer: nn.Module, x: Tensor, w: Tensor, g: Tensor) -> Tensor:
+    def forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, tuple]:
+        raise NotImplementedError
+
+    @staticmethod
+    def input_grad(
+        layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None, extra: tuple, g: Tensor
+    ) -> Tensor | None:
+        raise NotImplementedError
+
+
+class _LinearOp(_Op):
+    @staticmethod
+    def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
+        return F.linear(x, w, b), ()
+
+    @staticmethod
+    def input_grad(layer, x, w, b, extra, g):  # type: ignore[no-untyped-def]
         return g.to(w.dtype).matmul(w)
 
 
-class _ConvOp:
+class _ConvOp(_Op):
     @staticmethod
-    def forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
         conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
-        return conv(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return conv(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups), ()
 
     @staticmethod
-    def input_grad(layer: nn.Module, x: Tensor, w: Tensor, g: Tensor) -> Tensor:
+    def input_grad(layer, x, w, b, extra, g):  # type: ignore[no-untyped-def]
         n = x.dim() - 2
         return torch.ops.aten.convolution_backward(
             g.to(w.dtype),
@@ -152,14 +180,71 @@ class _ConvOp:
         )[0]
 
 
-class _EmbeddingOp:
-    @staticmethod
-    def forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return F.embedding(x, w, layer.padding_idx)
+class _EmbeddingOp(_Op):
+    autocast = "none"
 
     @staticmethod
-    def input_grad(layer: nn.Module, x: Tensor, w: Tensor, g: Tensor) -> Tensor | None:
+    def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
+        return F.embedding(x, w, layer.padding_idx), ()
+
+    @staticmethod
+    def input_grad(layer, x, w, b, extra, g):  # type: ignore[no-untyped-def]
         return None
+
+
+class _LayerNormOp(_Op):
+    autocast = "fp32"
+
+    @staticmethod
+    def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
+        out, mean, rstd = torch.ops.aten.native_layer_norm(
+            x, list(layer.normalized_shape), w, b, layer.eps
+        )
+        return out, (mean, rstd)
+
+    @staticmethod
+    def input_grad(layer, x, w, b, extra, g):  # type: ignore[no-untyped-def]
+        mean, rstd = extra
+        return torch.ops.aten.native_layer_norm_backward(
+            g.to(x.dtype),
+            x,
+            list(layer.normalized_shape),
+            mean,
+            rstd,
+            w,
+            b,
+            [True, False, False],
+        )[0]
+
+
+class _GroupNormOp(_Op):
+    autocast = "fp32"
+
+    @staticmethod
+    def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
+        n, c = x.shape[0], x.shape[1]
+        hw = x[0, 0].numel()
+        out, mean, rstd = torch.ops.aten.native_group_norm(
+            x.contiguous(), w, b, n, c, hw, layer.num_groups, layer.eps
+        )
+        return out, (mean, rstd)
+
+    @staticmethod
+    def input_grad(layer, x, w, b, extra, g):  # type: ignore[no-untyped-def]
+        mean, rstd = extra
+        n, c = x.shape[0], x.shape[1]
+        return torch.ops.aten.native_group_norm_backward(
+            g.to(x.dtype).contiguous(),
+            x.contiguous(),
+            mean,
+            rstd,
+            w,
+            n,
+            c,
+            x[0, 0].numel(),
+            layer.num_groups,
+            [True, False, False],
+        )[0]
 
 
 class _Tap(torch.autograd.Function):
@@ -170,31 +255,31 @@ class _Tap(torch.autograd.Function):
         ctx: Any,
         core: BookkeepingSampler,
         unit: Unit,
-        op: Any,
+        op: type[_Op],
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
     ) -> Tensor:
-        dtype = _compute_dtype(x) if op is not _EmbeddingOp else None
+        dtype = op.dtype(x)
         xc, wc, bc = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
         with torch.autocast(x.device.type, enabled=False):
-            out = op.forward(unit.layer, xc, wc.detach(), None if bc is None else bc.detach())
-        ctx.core, ctx.unit, ctx.op = core, unit, op
-        ctx.save_for_backward(xc, wc)
+            out, extra = op.forward(unit.layer, xc, wc, bc)
+        ctx.core, ctx.unit, ctx.op, ctx.has_bias = core, unit, op, bc is not None
+        ctx.save_for_backward(xc, wc, bc, *extra)
         return out
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:
-        xc, wc = ctx.saved_tensors
+        xc, wc, bc, *extra = ctx.saved_tensors
         ctx.core._record(ctx.unit, (xc,), g)
         gx = None
         if ctx.needs_input_grad[3]:
             with torch.autocast(xc.device.type, enabled=False):
-                gx = ctx.op.input_grad(ctx.unit.layer, xc, wc, g)
+                gx = ctx.op.input_grad(ctx.unit.layer, xc, wc, bc, tuple(extra), g)
         return None, None, None, gx, None, None
 
 
-def _tap_op(layer: nn.Module) -> Any | None:
+def _tap_op(layer: nn.Module) -> type[_Op] | None:
     """The op of a layer the taps can run exactly, or None (then hooks record it)."""
     forward = type(layer).forward
     if forward is nn.Linear.forward:
@@ -206,7 +291,227 @@ def _tap_op(layer: nn.Module) -> Any | None:
     if forward is nn.Embedding.forward:
         if layer.max_norm is None and not layer.scale_grad_by_freq and not layer.sparse:
             return _EmbeddingOp
+        return None
+    if forward is nn.LayerNorm.forward and layer.weight is not None:
+        return _LayerNormOp
+    if forward is nn.GroupNorm.forward and layer.weight is not None:
+        return _GroupNormOp
     return None
+
+
+# ----------------------------------------------------------------------------------------
+# Fused kernels: dpcore's own arithmetic for the built-in samplers of tapped layers
+# ----------------------------------------------------------------------------------------
+def _gram(x: Tensor) -> Tensor:
+    """``x xᵀ`` per sample in float32 (``x: [B, T, k]``). Low-precision inputs stay in
+    their dtype with float32 accumulation and output: products of bf16/fp16 numbers are
+    exact in float32, so this is as exact as upcasting first, at tensor-core speed."""
+    if x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda:
+        try:
+            return torch.bmm(x, x.mT, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    x = x.float()
+    return torch.bmm(x, x.mT)
+
+
+def _bmm32(a: Tensor, b: Tensor) -> Tensor:
+    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return torch.bmm(a.float(), b.float())
+
+
+def _row_factors(c: Tensor, dtype: torch.dtype) -> Tensor:
+    """Clip factors in ``dtype``, rounded towards zero so that casting never makes a
+    sample's contribution larger than the clipper allowed."""
+    if dtype == c.dtype:
+        return c
+    low = c.to(dtype)
+    return torch.where(low.float() > c, torch.nextafter(low, torch.zeros_like(low)), low)
+
+
+def _scaled_rows(g: Tensor, c: Tensor) -> Tensor:
+    c = _row_factors(c.to(g.device), g.dtype)
+    return g * c.view(-1, *([1] * (g.dim() - 1)))
+
+
+def _ghost_is_cheaper(positions: int, param_numel: int) -> bool:
+    """Ghost norm keeps two ``T x T`` Grams per sample, instantiation one ``p x d``
+    gradient: pick the smaller (the rule of the built-in layer samplers)."""
+    return 2 * positions * positions <= param_numel
+
+
+class _LinearKernel:
+    @staticmethod
+    def sequences(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        batch = g.shape[0]
+        return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+
+    def merge(self, calls: Sequence[Call]) -> Call:
+        """Several calls act as one call on the concatenated positions (exact)."""
+        seqs = [self.sequences(c.inputs[0], c.grad_output) for c in calls]
+        dtype = seqs[0][0].dtype
+        return Call(
+            (torch.cat([a.to(dtype) for a, _ in seqs], 1),), torch.cat([g for _, g in seqs], 1)
+        )
+
+    def sq_norms(self, layer: nn.Module, a: Tensor, g: Tensor, want: set[str]) -> dict[str, Tensor]:
+        a, g = self.sequences(a, g)
+        positions, d, p = a.shape[1], a.shape[2], g.shape[2]
+        out: dict[str, Tensor] = {}
+        if positions == 1:
+            g2 = g.float().square().sum((1, 2))
+            if "weight" in want:
+                out["weight"] = a.float().square().sum((1, 2)) * g2
+            if "bias" in want:
+                out["bias"] = g2
+            return out
+        if "weight" in want:
+            if _ghost_is_cheaper(positions, p * d):
+                out["weight"] = (_gram(a) * _gram(g)).sum((1, 2))
+            else:
+                out["weight"] = _bmm32(g.mT, a.to(g.dtype)).square().sum((1, 2))
+        if "bias" in want:
+            out["bias"] = g.sum(1, dtype=torch.float32).square().sum(1)
+        return out
+
+    def clipped_sums(
+        self, layer: nn.Module, a: Tensor, g: Tensor, factors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        a, g = self.sequences(a, g)
+        out: dict[str, Tensor] = {}
+        cw = factors.get("weight")
+        gw = None
+        if cw is not None:
+            gw = _scaled_rows(g, cw).flatten(0, 1)
+            out["weight"] = gw.mT.matmul(a.flatten(0, 1).to(gw.dtype))
+        cb = factors.get("bias")
+        if cb is not None:
+            gb = gw if cb is cw and gw is not None else _scaled_rows(g, cb).flatten(0, 1)
+            out["bias"] = gb.sum(0, dtype=torch.float32)
+        return out
+
+
+class _EmbeddingKernel:
+    #: above this many positions per sample the T x T mask costs more than sorting
+    max_positions = 1024
+
+    def merge(self, calls: Sequence[Call]) -> Call:
+        batch = calls[0].grad_output.shape[0]
+        ids = torch.cat([c.inputs[0].reshape(batch, -1) for c in calls], 1)
+        dim = calls[0].grad_output.shape[-1]
+        return Call((ids,), torch.cat([c.grad_output.reshape(batch, -1, dim) for c in calls], 1))
+
+    def sq_norms(
+        self, layer: nn.Module, ids: Tensor, g: Tensor, want: set[str]
+    ) -> dict[str, Tensor] | None:
+        batch = g.shape[0]
+        ids = ids.reshape(batch, -1)
+        if ids.shape[1] > self.max_positions:
+            return None
+        g = g.reshape(batch, ids.shape[1], -1)
+        # ||Σ_t e_{id_t} g_tᵀ||² = Σ_{t,s} [id_t = id_s] g_t·g_s: no sort, no host sync
+        same = ids[:, :, None] == ids[:, None, :]
+        if layer.padding_idx is not None:
+            keep = ids != layer.padding_idx
+            same = same & keep[:, :, None] & keep[:, None, :]
+        return {"weight": (_gram(g) * same).sum((1, 2))}
+
+    def clipped_sums(
+        self, layer: nn.Module, ids: Tensor, g: Tensor, factors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        batch, dim = g.shape[0], g.shape[-1]
+        rows = _scaled_rows(g.reshape(batch, -1, dim), factors["weight"]).reshape(-1, dim)
+        out = torch.zeros(layer.weight.shape, device=g.device, dtype=torch.float32)
+        out.index_add_(0, ids.reshape(-1), rows.float())
+        if layer.padding_idx is not None:
+            out[layer.padding_idx] = 0
+        return {"weight": out}
+
+
+class _ConvKernel:
+    @staticmethod
+    def supports(layer: nn.Module) -> bool:
+        return layer.weight.dim() in (3, 4) and layer.groups == 1
+
+    @staticmethod
+    def patches(layer: nn.Module, x: Tensor) -> Tensor:
+        """``[B, L, C_in·Πk]``: the input patch behind every output position."""
+        if x.dim() == 3:  # 1-D convolution as a 2-D one of height 1
+            x = x.unsqueeze(2)
+            k, d, p, s = (
+                (1, *layer.kernel_size),
+                (1, *layer.dilation),
+                (0, *layer.padding),
+                (1, *layer.stride),
+            )
+        else:
+            k, d, p, s = layer.kernel_size, layer.dilation, layer.padding, layer.stride
+        return F.unfold(x, k, dilation=d, padding=p, stride=s).mT
+
+    def sq_norms(self, layer: nn.Module, x: Tensor, g: Tensor, want: set[str]) -> dict[str, Tensor]:
+        batch, c_out = g.shape[0], g.shape[1]
+        g = g.reshape(batch, c_out, -1)  # [B, p, L]
+        out: dict[str, Tensor] = {}
+        if "weight" in want:
+            a = self.patches(layer, x)  # [B, L, d]
+            positions = a.shape[1]
+            if _ghost_is_cheaper(positions, layer.weight.numel()):
+                out["weight"] = (_gram(a) * _gram(g.mT)).sum((1, 2))
+            else:
+                out["weight"] = _bmm32(g, a.to(g.dtype)).square().sum((1, 2))
+        if "bias" in want:
+            out["bias"] = g.sum(2, dtype=torch.float32).square().sum(1)
+        return out
+
+    def clipped_sums(
+        self, layer: nn.Module, x: Tensor, g: Tensor, factors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        cw, cb = factors.get("weight"), factors.get("bias")
+        gw = None
+        if cw is not None:
+            gw = _scaled_rows(g, cw)
+            n = x.dim() - 2
+            w = layer.weight.to(gw.dtype)
+            out["weight"] = torch.ops.aten.convolution_backward(
+                gw,
+                x.to(gw.dtype),
+                w,
+                None,
+                list(layer.stride),
+                list(layer.padding),
+                list(layer.dilation),
+                False,
+                [0] * n,
+                layer.groups,
+                [False, True, False],
+            )[1]
+        if cb is not None:
+            gb = gw if cb is cw and gw is not None else _scaled_rows(g, cb)
+            out["bias"] = gb.flatten(2).sum((0, 2), dtype=torch.float32)
+        return out
+
+
+_KERNELS: dict[type[_Op], Any] = {
+    _LinearOp: _LinearKernel(),
+    _EmbeddingOp: _EmbeddingKernel(),
+    _ConvOp: _ConvKernel(),
+}
+
+
+def _kernel_for(layer: nn.Module, op: type[_Op] | None, sampler: Any) -> Any | None:
+    """dpcore's fused arithmetic, only where the registry resolved the layer to dpcore's
+    own sampler (a plugin's sampler for a subclass is always honoured)."""
+    if op is None or not type(sampler).__module__.startswith("dpcore.builtins."):
+        return None
+    kernel = _KERNELS.get(op)
+    if kernel is None or not getattr(kernel, "supports", lambda _: True)(layer):
+        return None
+    return kernel
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,6 +535,7 @@ class BookkeepingSampler:
         self._paused = 0
         self._batch_size: int | None = None
         self._materialised: dict[str, Tensor] = {}
+        self._factor_cache: dict[int, tuple[Tensor, Tensor]] = {}
 
     # -- attach / detach -------------------------------------------------------------------
     def attach(
@@ -261,6 +567,7 @@ class BookkeepingSampler:
                 {n: qualified[id(p)] for n, p in own.items()},
                 tapped=op is not None,
                 batch_dim=bdim,
+                kernel=_kernel_for(layer, op, sampler),
             )
             for p in own.values():
                 if id(p) in owners:
@@ -393,31 +700,42 @@ class BookkeepingSampler:
             return float(self._batch_size)
         return 1.0
 
-    def _fast(self, unit: Unit) -> tuple[tuple[Tensor, ...], Tensor] | None:
-        """``(inputs, grad_output)`` to hand the layer sampler in one call, or None when
-        the unit's calls must be materialised (several calls, shared parameters)."""
+    def _fast(self, unit: Unit) -> Call | None:
+        """The unit's calls as one call for the layer's sampler, or None when they must be
+        materialised (several calls that cannot be merged, shared parameters)."""
         if unit.shared or not unit.calls:
             return None
-        if len(unit.calls) == 1:
-            return unit.calls[0].inputs, unit.calls[0].grad_output
-        merge = getattr(unit.sampler, "merge_calls", None)
-        if merge is None:
-            return None
-        inputs, g = merge([(c.inputs, c.grad_output) for c in unit.calls])
-        unit.calls = [Call(tuple(inputs), g)]
-        return unit.calls[0].inputs, g
+        if len(unit.calls) > 1:
+            kernel_merge = getattr(unit.kernel, "merge", None)
+            if kernel_merge is not None:
+                unit.calls = [kernel_merge(unit.calls)]
+            else:
+                merge = getattr(unit.sampler, "merge_calls", None)
+                if merge is None:
+                    return None
+                inputs, g = merge([(c.inputs, c.grad_output) for c in unit.calls])
+                unit.calls = [Call(tuple(inputs), g)]
+        return unit.calls[0]
 
     def _unit_sq_norms(self, unit: Unit) -> dict[str, Tensor]:
         """Per-sample squared norms of a unit's parameters (scaled); materialised
         contributions go to ``self._materialised`` and are reduced later."""
-        fast = self._fast(unit)
+        call = self._fast(unit)
         s2 = self._scale**2
-        if fast is not None:
-            sq = unit.sampler.per_sample_sq_norms(unit.layer, fast[0], fast[1])
-            return {q: v.float() * s2 for q, v in unit.qualify(sq).items()}
+        if call is not None:
+            sq = None
+            if unit.kernel is not None:
+                want = {n for n in unit.names if unit.layer._parameters[n].requires_grad}
+                sq = unit.kernel.sq_norms(unit.layer, call.inputs[0], call.grad_output, want)
+            if sq is None:
+                with self.paused():
+                    sq = unit.sampler.per_sample_sq_norms(unit.layer, call.inputs, call.grad_output)
+            return {
+                q: v.float() * s2 if s2 != 1.0 else v.float() for q, v in unit.qualify(sq).items()
+            }
         with self.paused():
-            for call in unit.calls:
-                grads = unit.sampler.per_sample_grads(unit.layer, call.inputs, call.grad_output)
+            for c in unit.calls:
+                grads = unit.sampler.per_sample_grads(unit.layer, c.inputs, c.grad_output)
                 for q, gs in unit.qualify(grads).items():
                     prev = self._materialised.get(q)
                     self._materialised[q] = gs if prev is None else prev + gs
@@ -428,12 +746,31 @@ class BookkeepingSampler:
         return {q: v * s2 for q, v in sq_norms_of(self._materialised).items()}
 
     def _unit_clipped_sums(self, unit: Unit, factors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        fast = self._fast(unit)
-        if fast is None:
+        call = self._fast(unit)
+        if call is None:
             return {}  # materialised: reduced in _materialised_clipped_sums
-        local = unit.localise(factors, self._scale)
-        sums = unit.sampler.clipped_sums(unit.layer, fast[0], fast[1], local)
+        local = self._local_factors(unit, factors)
+        if unit.kernel is not None:
+            sums = unit.kernel.clipped_sums(unit.layer, call.inputs[0], call.grad_output, local)
+        else:
+            with self.paused():
+                sums = unit.sampler.clipped_sums(unit.layer, call.inputs, call.grad_output, local)
         return unit.qualify(sums)
+
+    def _local_factors(self, unit: Unit, factors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Factors by local name, times the mean-reduction scale; one tensor per distinct
+        factor tensor (a flat clipper gives every parameter the same one)."""
+        scale, cache = self._scale, self._factor_cache
+        out = {}
+        for local, q in unit.names.items():
+            if not unit.layer._parameters[local].requires_grad:
+                continue
+            f = factors[q]
+            hit = cache.get(id(f))
+            if hit is None:  # (scaled, f): keeping f alive keeps its id unique
+                hit = cache[id(f)] = (f * scale if scale != 1.0 else f, f)
+            out[local] = hit[0]
+        return out
 
     def _materialised_clipped_sums(self, factors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         scale = self._scale
@@ -460,4 +797,5 @@ class BookkeepingSampler:
         for unit in self.units:
             unit.calls.clear()
         self._materialised = {}
+        self._factor_cache = {}
         self._batch_size = None

@@ -325,3 +325,51 @@ def test_two_batches_one_after_the_other(mode: str) -> None:
 def test_registered(mode: str) -> None:
     registry = get_registry()
     assert isinstance(registry.create("grad_sampler", mode), SAMPLERS[mode])
+
+
+class Scale(nn.Module):
+    """A layer no sampler is registered for: the torch.func fallback serves it."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
+class Mixed(nn.Module):
+    """Padding index, 'same' and reflect-padded convolutions (recorded by hooks), a
+    layer with no registered sampler, RMSNorm and a long embedding sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 6, padding_idx=0)
+        self.same = nn.Conv1d(6, 6, 3, padding="same")
+        self.reflect = nn.Conv1d(6, 6, 3, padding=1, padding_mode="reflect")
+        self.scale = Scale(6)
+        self.rms = nn.RMSNorm(6)
+        self.out = nn.Linear(6, 7)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.emb(ids).transpose(1, 2)  # [B, 6, T]
+        h = torch.tanh(self.reflect(torch.tanh(self.same(h)))).transpose(1, 2)
+        return self.out(self.rms(self.scale(h)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_fallbacks_and_unregistered_layer(mode: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(7, (4, 9), generator=g)
+    ids[:, :2] = 0  # padding positions get no gradient
+    y = torch.randint(7, (4, 9), generator=g)
+    check(mode, Mixed, ids, y, ce_per_sample)
+
+
+def test_long_sequences_use_the_sampler_for_embeddings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dpcore import bookkeeping
+
+    monkeypatch.setattr(bookkeeping._EmbeddingKernel, "max_positions", 4)
+    g = torch.Generator().manual_seed(6)
+    ids, y = torch.randint(7, (3, 9), generator=g), torch.randint(7, (3, 9), generator=g)
+    check("bk", Mixed, ids, y, ce_per_sample)
