@@ -371,8 +371,5 @@ class DPOptimizer(Optimizer):
         self.param_groups = self.original_optimizer.param_groups
         self.state = self.original_optimizer.state
 
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__
-
     def __repr__(self) -> str:
         return f"DPOptimizer({self.original_optimizer!r})"

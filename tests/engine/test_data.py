@@ -271,3 +271,41 @@ def _replay(dl):
     )
     smp.load_state_dict(dl.dp_sampler.state_dict())
     return smp
+
+
+def test_prefetching_workers_keep_state_and_virtual_steps_aligned():
+    """With workers the sampler runs ahead of the training loop; the loader's state and
+    BatchMemoryManager's step signals follow what was delivered, not what was fetched."""
+    ds = TensorDataset(torch.arange(60.0).unsqueeze(1), torch.zeros(60, dtype=torch.long))
+    base = DataLoader(ds, batch_size=15, num_workers=1, prefetch_factor=4)
+    straight = [b[0].flatten().tolist() for b in DPDataLoader.from_data_loader(base, seed=2)]
+
+    dl = DPDataLoader.from_data_loader(base, seed=2)
+    it = iter(dl)
+    first = next(it)[0].flatten().tolist()
+    state = dl.state_dict()
+    assert state["position"] == 1  # although the worker has prefetched more
+    del it
+    resumed = DPDataLoader.from_data_loader(DataLoader(ds, batch_size=15), seed=99)
+    resumed.load_state_dict(state)
+    assert [first] + [b[0].flatten().tolist() for b in resumed] == straight
+
+    class Recorder:
+        def __init__(self):
+            self.skips = []
+
+        def signal_skip_step(self, do_skip=True):
+            self.skips.append(do_skip)
+
+    rec = Recorder()
+    dl = DPDataLoader.from_data_loader(base, seed=2)
+    chunks = []
+    with dpcore.BatchMemoryManager(data_loader=dl, max_physical_batch_size=4, optimizer=rec) as pl:
+        for x, _ in pl:
+            chunks.append(x.flatten().tolist())
+    expected_skips = []
+    for batch in straight:
+        n = max(1, -(-len(batch) // 4))
+        expected_skips += [True] * (n - 1) + [False]
+    assert rec.skips[: len(expected_skips)] == expected_skips
+    assert [i for c in chunks for i in c] == [i for b in straight for i in b]
