@@ -197,7 +197,7 @@ def test_selection_rules_separate_and_stay_below_truth(selection: str) -> None:
 
 
 def test_fdp_is_tighter_than_one_run_on_gaussian_scores() -> None:
-    n = 5000
+    n = 2000
     out_scores, in_scores = deterministic_normal(0, n), deterministic_normal(2, n)
     plain = E.roc_hull_bound(in_scores, out_scores, alpha=0.05, delta=1e-5)
     fdp = E.roc_hull_bound(in_scores, out_scores, alpha=0.05, delta=1e-5, fdp=True)

@@ -74,9 +74,10 @@ def test_plugins_are_found_through_entry_points(faulty_plugins: None) -> None:
     [("clipper", "faulty_no_clip", "does not clip"), ("noise", "faulty_no_noise", "exceeds")],
 )
 def test_gross_faults_are_caught(
-    faulty_plugins: None, component: str, name: str, reason: str
+    faulty_plugins: None, sigma_eps1: float, component: str, name: str, reason: str
 ) -> None:
-    report = run_audit(eps1_config(**{component: {"name": name}}), canaries=1000, steps=100)
+    config = eps1_config(sigma_eps1, **{component: {"name": name}})
+    report = run_audit(config, canaries=1000, steps=100)
     assert report.claimed_epsilon == pytest.approx(1.0, abs=0.011)
     assert report.epsilon_lower_bound > 2
     assert report.epsilon_lower_bound_fdp > 2
@@ -105,6 +106,7 @@ def test_cli_exits_1_and_prints_the_report_as_json(faulty_plugins: None, tmp_pat
 
 
 @pytest.mark.plugins
+@pytest.mark.slow
 def test_half_noise_is_caught_by_calibration(faulty_plugins: None, sigma_eps1: float) -> None:
     correct = run_audit(eps1_config(sigma_eps1), canaries=10_000, steps=100)
     assert correct.verdict == "pass"

@@ -11,6 +11,7 @@ from dpcore.errors import ConfigError
 from dpcore.train import TrainConfig, train
 
 
+@pytest.mark.slow
 def test_train_with_canaries_reports_bounds(tmp_path: Path) -> None:
     config = TrainConfig.default().to_dict()
     result = train(config, run_dir=tmp_path, epochs=1, progress=False, audit=100)
