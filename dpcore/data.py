@@ -33,7 +33,7 @@ def _empty_like(batch: Any) -> Any:
         return batch[:0]
     if isinstance(batch, Mapping):
         items = {k: _empty_like(v) for k, v in batch.items()}
-        return items if type(batch) is dict else type(batch)(items)
+        return items if type(batch) is dict else type(batch)(items)  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(_empty_like(v) for v in batch))
     if isinstance(batch, (tuple, list)):

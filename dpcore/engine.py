@@ -173,10 +173,10 @@ class PrivacyEngine:
                 module=module,
                 optimizer=optimizer,
                 data_loader=data_loader,
-                target_epsilon=self.config.target_epsilon,
-                target_delta=self.config.delta,  # type: ignore[arg-type]
-                epochs=self.config.epochs,
-                max_grad_norm=max_grad_norm,  # type: ignore[arg-type]
+                target_epsilon=self.config.target_epsilon,  # type: ignore[arg-type]
+                target_delta=self.config.delta,
+                epochs=self.config.epochs,  # type: ignore[arg-type]
+                max_grad_norm=max_grad_norm,
                 batch_first=batch_first,
                 loss_reduction=loss_reduction,
                 poisson_sampling=poisson_sampling,

@@ -56,7 +56,7 @@ class InstanceNormFixer:
         new = type(module)(
             module.num_features,
             eps=module.eps,
-            momentum=module.momentum,
+            momentum=module.momentum,  # type: ignore[arg-type]
             affine=module.affine,
             track_running_stats=False,
         )
