@@ -264,6 +264,12 @@ def load_config(
         return config
     if isinstance(config, Mapping):
         return TrainConfig.from_dict(config)
+    if Path(config).suffix == ".json":  # a run directory's config.json
+        try:
+            data = json.loads(Path(config).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read config {str(config)!r}: {exc}") from None
+        return TrainConfig.from_dict(data, source=str(config))
     return TrainConfig.from_toml(config)
 
 
@@ -424,6 +430,12 @@ def _prune(run_dir: Path, keep_last: int) -> None:
             stale.unlink()
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _append_metrics(run_dir: Path, record: Mapping[str, Any]) -> None:
     if not is_main_process():
         return
@@ -547,6 +559,10 @@ def train(
     """
     from rich.console import Console
 
+    if config is None and resume is not None and run_dir is not None:
+        # `dpcore train --resume auto --run-dir DIR` continues DIR's own run
+        recorded = Path(run_dir) / CONFIG_FILE
+        config = recorded if recorded.is_file() else None
     cfg = load_config(config)
     console = console or Console()
     total_epochs = epochs if epochs is not None else cfg.epochs
@@ -605,7 +621,9 @@ def train(
         resumed_from = checkpoint
     if main:
         run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "seed": seed}, indent=2))
+        _write_text_atomic(
+            run_path / CONFIG_FILE, json.dumps({**cfg.to_dict(), "seed": seed}, indent=2)
+        )
 
     delta = engine_cfg.delta
     steps_per_epoch = len(loader)

@@ -15,7 +15,8 @@ def train(
     config: Optional[Path] = typer.Argument(
         None,
         help="TOML config (engine keys plus a [train] table). Omit to run the built-in "
-        "example: a small CNN on scikit-learn's 8x8 digits.",
+        "example (a small CNN on scikit-learn's 8x8 digits), or with --resume and --run-dir "
+        "to continue that run with its recorded config.json.",
         show_default=False,
     ),
     resume: Optional[str] = typer.Option(

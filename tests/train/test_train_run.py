@@ -139,7 +139,9 @@ def test_resume_auto_skips_a_corrupted_checkpoint(config_file, tmp_path, referen
     assert newest == first.checkpoint
     newest.write_bytes(newest.read_bytes()[:200])
     with pytest.warns(UserWarning, match=f"skipping checkpoint {newest.name}"):
-        result = train(config_file, resume="auto", run_dir=run_dir, **_quiet())
+        # no config: the run directory's recorded config.json is used
+        result = train(None, resume="auto", run_dir=run_dir, **_quiet())
+    assert result.engine.config.noise_multiplier == 0.8
     assert result.stopped == "completed" and _same_model(run_dir, ref_model)
 
 
