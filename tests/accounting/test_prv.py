@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -182,3 +183,46 @@ def test_state_of_another_accountant_is_refused():
         PRVAccountant().load_state_dict(rdp.state_dict())
     with pytest.raises(AccountingError):
         PRVAccountant().load_state_dict({"name": "prv", "history": [[1.0, 2.0, 3]]})
+
+
+@pytest.mark.parametrize("direction", ["remove", "add"])
+@pytest.mark.parametrize("sigma, q", [(1.1, 256 / 60000), (0.8, 0.3), (2.0, 1.0)])
+def test_discretisation_keeps_mass_and_mean(direction, sigma, q):
+    # The error bound rests on rounding each step's loss to the grid without changing its
+    # mean. Reference: E[Y] by quadrature of the definition (KL divergence of the pair).
+    from scipy.integrate import quad
+    from scipy.stats import norm
+
+    from dpcore.builtins.accountants.prv import discretise
+
+    def loss(z: float) -> float:  # log of the density ratio mixture / N(0, s^2)
+        return float(
+            np.logaddexp(
+                math.log1p(-q) if q < 1 else -np.inf, math.log(q) + (2 * z - 1) / (2 * sigma**2)
+            )
+        )
+
+    if direction == "remove":  # Z ~ (1 - q) N(0, s^2) + q N(1, s^2), Y = loss(Z)
+
+        def density(z: float) -> float:
+            return (1 - q) * norm.pdf(z, scale=sigma) + q * norm.pdf(z, 1, sigma)
+
+        sign = 1.0
+    else:  # Z ~ N(0, s^2), Y = -loss(Z)
+
+        def density(z: float) -> float:
+            return norm.pdf(z, scale=sigma)
+
+        sign = -1.0
+    expected = quad(
+        lambda z: density(z) * sign * loss(z),
+        -40 * sigma,
+        40 * sigma + 1,
+        limit=500,
+        epsabs=1e-15,
+        epsrel=1e-12,
+    )[0]
+    d = discretise(sigma, q, direction, 1e-4, 1e-14)
+    assert d.pmf.sum() == pytest.approx(1.0, abs=1e-12)
+    assert d.mean == pytest.approx(float(d.pmf @ d.values), rel=1e-12)
+    assert d.mean == pytest.approx(expected, rel=1e-6, abs=1e-12)
