@@ -170,6 +170,7 @@ class CanaryGradSampler:
         self._queued: list[int] = []
         self._batch: list[int] = []
         self._real_rows = 0
+        self._inner_pending = False
         self._step_contributions: list[float] = []
         params = inner.named_parameters()
         self._names = list(params)
@@ -205,7 +206,8 @@ class CanaryGradSampler:
 
     def per_sample_sq_norms(self) -> dict[str, Tensor]:
         params = self.inner.named_parameters()
-        if self.inner.has_pending():
+        self._inner_pending = bool(self.inner.has_pending())
+        if self._inner_pending:
             sq = dict(self.inner.per_sample_sq_norms())
         else:  # canaries drawn with an empty data batch: a pass of canaries only
             sq = {
@@ -230,7 +232,8 @@ class CanaryGradSampler:
         batch, self._batch = self._batch, []
         n = self._real_rows
         params = self.inner.named_parameters()
-        if self.inner.has_pending():
+        if self._inner_pending:
+            self._inner_pending = False
             sums = dict(self.inner.clipped_sums({k: f[:n] for k, f in factors.items()}))
         else:
             sums = {}
@@ -265,6 +268,7 @@ class CanaryGradSampler:
 
     def clear(self) -> None:
         self._batch = []
+        self._inner_pending = False
         self.inner.clear()
 
     def __getattr__(self, name: str) -> Any:  # grad-sampler-specific extras

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..config import EngineConfig
+from ..errors import ConfigError
 from .canaries import CanaryAudit
 from .report import AuditReport
 
@@ -47,8 +48,16 @@ def run_audit(
     from ..engine import PrivacyEngine
 
     cfg = config if isinstance(config, EngineConfig) else EngineConfig.from_dict(config)
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    if int(steps) < 1:
+        raise ConfigError(f"audit: steps must be at least 1, got {steps}")
+    if int(canaries) < 2:
+        raise ConfigError(f"audit: at least 2 canaries are needed, got {canaries}")
+    if not 0 < sample_rate <= 1:
+        raise ConfigError(f"audit: sample_rate must be in (0, 1], got {sample_rate}")
+    if not 0 < alpha < 0.5:
+        raise ConfigError(f"audit: alpha must be in (0, 0.5), got {alpha}")
+    if selection not in ("grid", "split"):
+        raise ConfigError(f"audit: selection must be 'grid' or 'split', got {selection!r}")
     batches_per_epoch = max(1, round(1.0 / sample_rate))
     updates: dict[str, Any] = {}
     if seed is not None:

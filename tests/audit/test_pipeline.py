@@ -146,3 +146,24 @@ def test_mu_tolerance_false_alarms_and_power(m: int) -> None:
     assert outside(sigma) <= 0.005  # 1/1000 by construction; a few in 2000 by chance
     if m == 10_000:
         assert outside(sigma / 2) == 1.0  # half the noise: always caught
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--sample-rate", "0"], "sample_rate"), (["--selection", "best"], "selection")],
+)
+def test_cli_rejects_bad_settings_clearly(args: list[str], message: str) -> None:
+    from dpcore.cli import app
+
+    result = CliRunner().invoke(app, ["audit", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_cli_rejects_unknown_audit_keys(tmp_path: Path) -> None:
+    from dpcore.cli import app
+
+    config = tmp_path / "c.toml"
+    config.write_text("noise_multiplier = 1.0\n[audit]\ncanary = 10\n")
+    result = CliRunner().invoke(app, ["audit", str(config)])
+    assert result.exit_code == 2 and "canary" in result.output
