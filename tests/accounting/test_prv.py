@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
 import numpy as np
 import pytest
@@ -226,3 +227,21 @@ def test_discretisation_keeps_mass_and_mean(direction, sigma, q):
     assert d.pmf.sum() == pytest.approx(1.0, abs=1e-12)
     assert d.mean == pytest.approx(float(d.pmf @ d.values), rel=1e-12)
     assert d.mean == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_works_in_a_forked_child():
+    # DataLoader workers fork; the child must not wait on its parent's thread pool.
+    _prv((1.0, 0.01, 100)).get_epsilon(1e-5)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            eps = _prv((1.0, 0.02, 100)).get_epsilon(1e-5)
+            os.write(write, repr(eps).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert float(os.read(read, 100).decode()) == _prv((1.0, 0.02, 100)).get_epsilon(1e-5)

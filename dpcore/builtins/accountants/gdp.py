@@ -20,7 +20,7 @@ import warnings
 
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import brentq
-from scipy.special import log_ndtr, ndtr
+from scipy.special import log_ndtr
 
 from dpcore.accounting import HistoryAccountant, check_delta
 from dpcore.errors import AccountingError
@@ -118,5 +118,4 @@ __all__ = [
     "clt_mu",
     "gaussian_dp_delta",
     "gaussian_dp_epsilon",
-    "ndtr",
 ]

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -447,11 +448,13 @@ class PRVAccountant(HistoryAccountant):
         return curves
 
 
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
 def _executor() -> ThreadPoolExecutor:
+    """Two worker threads, per process (a forked child, e.g. a DataLoader worker, must
+    not reuse its parent's pool: its threads do not exist there)."""
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dpcore-prv")
-    return _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="dpcore-prv"))
+    return _pool[1]
