@@ -66,13 +66,25 @@ def all_reduce_and_broadcast(rank: int, world_size: int) -> dict[str, Any]:
 
 def plain_ddp_refused(rank: int, world_size: int) -> str:
     from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
 
     ddp = DistributedDataParallel(tiny_model(0))
+    messages = []
     try:
         dpcore.DPDDP(ddp)
     except DistributedError as exc:
-        return str(exc)
-    return "accepted"
+        messages.append(str(exc))
+    try:
+        dpcore.PrivacyEngine().make_private(
+            module=ddp,
+            optimizer=torch.optim.SGD(ddp.parameters(), lr=0.1),
+            data_loader=DataLoader(make_dataset(8, 4), batch_size=4),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
+    except DistributedError as exc:
+        messages.append(str(exc))
+    return " || ".join(messages) if len(messages) == 2 else "accepted"
 
 
 def sampler_shards(rank: int, world_size: int, n: int, q: float, steps: int) -> dict[str, Any]:
@@ -148,6 +160,7 @@ DEFAULT_RUN: dict[str, Any] = {
     "zero_gradients": False,  # loss * 0: p.grad after the step is pure noise / (qN)
     "faulty_noise": None,  # None | "same" | "independent": noise added on every rank
     "sampler": None,
+    "empty_draws": False,  # only a label for the tests
 }
 
 

@@ -26,6 +26,9 @@ CONFIGS = [
     {"grad_sample_mode": "bk", "mode": "bmm"},
     {"grad_sample_mode": "bk", "clipping": "automatic"},
     {"grad_sample_mode": "hooks", "clipping": "adaptive"},
+    # a local expected batch of 1: ranks often draw nothing and must still take the step
+    {"grad_sample_mode": "hooks", "n": 8, "batch_size": 2, "empty_draws": True},
+    {"grad_sample_mode": "bk", "n": 8, "batch_size": 2, "empty_draws": True},
 ]
 CONFIGS = [c for c in CONFIGS if c["grad_sample_mode"] in get_registry().names("grad_sampler")]
 
@@ -81,5 +84,7 @@ def test_noiseless_distributed_update_equals_single_process_update_on_the_union(
             by_hand = micro_batch_reference(r0["initial"], union, config)
             for key, value in by_hand.items():
                 torch.testing.assert_close(r0["final"][key], value, atol=1e-5, rtol=1e-4, msg=label)
+        if config.get("empty_draws"):
+            assert 0 in r0["local_sizes"] + r1["local_sizes"], "no empty local draw happened"
         # accounting: the global rate, every real step, the same epsilon on every rank
         assert r0["accounted_steps"] == r1["accounted_steps"] == DEFAULT_RUN["steps"], label
