@@ -63,7 +63,9 @@ class AuditReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditReport:
-        values = {k: (math.nan if v is None and k in _FLOAT_FIELDS else v) for k, v in data.items()}
+        values: dict[str, Any] = {
+            k: (math.nan if v is None and k in _FLOAT_FIELDS else v) for k, v in data.items()
+        }
         return cls(**values)
 
 
@@ -104,12 +106,11 @@ def build_report(
 
     scores, included = canaries.scores, canaries.included
     seed = int(canaries.seed)
-    one_run = E.audit_scores(
-        scores, included, alpha=alpha, delta=delta, selection=selection, seed=seed
-    )  # type: ignore[arg-type]
+    rule: Any = selection
+    one_run = E.audit_scores(scores, included, alpha=alpha, delta=delta, selection=rule, seed=seed)
     fdp = E.audit_scores(
-        scores, included, alpha=alpha, delta=delta, selection=selection, seed=seed, fdp=True
-    )  # type: ignore[arg-type]
+        scores, included, alpha=alpha, delta=delta, selection=rule, seed=seed, fdp=True
+    )
     calibration = E.calibrate(scores, included)
     mu_expected = E.expected_mu(
         effective_contributions(canaries, coefs), np.asarray(canaries.noise_stds), rate_per_step
