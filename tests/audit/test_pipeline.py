@@ -21,9 +21,14 @@ FAULTY = Path(__file__).resolve().parents[1] / "plugins" / "dpcore-faulty"
 @pytest.fixture(scope="module")
 def faulty_plugins() -> None:
     """Install the broken test plugins into the environment, for real (entry points)."""
+    import tomllib
+
+    wanted = tomllib.loads((FAULTY / "pyproject.toml").read_text())["project"]["version"]
     try:
-        md.distribution("dpcore-faulty")
+        installed = md.version("dpcore-faulty")
     except md.PackageNotFoundError:
+        installed = None
+    if installed != wanted:
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
              "--no-index", str(FAULTY)],
@@ -66,6 +71,8 @@ def test_plugins_are_found_through_entry_points(faulty_plugins: None) -> None:
     assert "faulty_no_clip" in registry.names("clipper")
     assert {"faulty_no_noise", "faulty_half_noise"} <= set(registry.names("noise"))
     assert registry.get("clipper", "faulty_no_clip").provider == "dpcore-faulty"
+    assert "faulty_double_rate" in registry.names("sampler")
+    assert "faulty_optimistic" in registry.names("accountant")
 
 
 @pytest.mark.plugins
@@ -167,3 +174,23 @@ def test_cli_rejects_unknown_audit_keys(tmp_path: Path) -> None:
     config.write_text("noise_multiplier = 1.0\n[audit]\ncanary = 10\n")
     result = CliRunner().invoke(app, ["audit", str(config)])
     assert result.exit_code == 2 and "canary" in result.output
+
+
+@pytest.mark.plugins
+def test_sampler_at_twice_its_rate_is_caught(faulty_plugins: None, sigma_eps1: float) -> None:
+    config = eps1_config(sigma_eps1, sampler={"name": "faulty_double_rate"})
+    report = run_audit(config, canaries=4000, steps=100)
+    assert report.mu_hat > report.mu_expected + report.mu_tolerance
+    assert report.verdict == "fail"
+
+
+@pytest.mark.plugins
+@pytest.mark.slow
+def test_accountant_under_reporting_tenfold_is_caught(
+    faulty_plugins: None, sigma_eps1: float
+) -> None:
+    config = eps1_config(sigma_eps1, accountant={"name": "faulty_optimistic"})
+    report = run_audit(config, canaries=10_000, steps=100)
+    assert report.claimed_epsilon < 0.2
+    assert report.epsilon_lower_bound > report.claimed_epsilon
+    assert report.verdict == "fail"

@@ -77,6 +77,82 @@ def half_noise() -> ScaledGaussianNoise:
     return ScaledGaussianNoise(0.5)
 
 
+class DoubleRateSampler:
+    """Poisson sampling at twice the rate it reports to the accountant."""
+
+    min_separation = 1
+    dp_exact = True
+
+    def __init__(self, *, num_samples: int, sample_rate: float, generator: torch.Generator,
+                 rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
+        from dpcore.registry import get_registry
+
+        self.sample_rate = float(sample_rate)
+        self.inner = get_registry().create(
+            "sampler", "poisson", {"steps_per_epoch": max(1, round(1 / sample_rate))},
+            num_samples=num_samples, sample_rate=min(1.0, 2 * sample_rate),
+            generator=generator, rank=rank, world_size=world_size,
+        )  # fmt: skip
+
+    def __iter__(self) -> Any:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+class OptimisticAccountant:
+    """Reports a tenth of the epsilon that ``rdp`` computes."""
+
+    def __init__(self) -> None:
+        from dpcore.registry import get_registry
+
+        self.inner = get_registry().create("accountant", "rdp")
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return self.inner.history
+
+    def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        self.inner.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+
+    def get_epsilon(self, delta: float) -> float:
+        return self.inner.get_epsilon(delta) / 10
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+@hookimpl
+def dpcore_register_samplers(register: Register) -> None:
+    register(
+        "faulty_double_rate",
+        DoubleRateSampler,
+        description="BROKEN: samples at 2x its rate (tests only)",
+    )
+
+
+@hookimpl
+def dpcore_register_accountants(register: Register) -> None:
+    register(
+        "faulty_optimistic",
+        OptimisticAccountant,
+        description="BROKEN: reports epsilon / 10 (tests only)",
+    )
+
+
 @hookimpl
 def dpcore_register_clippers(register: Register) -> None:
     register("faulty_no_clip", NonClippingClipper, description="BROKEN: never clips (tests only)")
