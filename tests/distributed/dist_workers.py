@@ -160,6 +160,7 @@ DEFAULT_RUN: dict[str, Any] = {
     "zero_gradients": False,  # loss * 0: p.grad after the step is pure noise / (qN)
     "faulty_noise": None,  # None | "same" | "independent": noise added on every rank
     "sampler": None,
+    "noise": None,
     "empty_draws": False,  # only a label for the tests
 }
 
@@ -205,6 +206,7 @@ def private_run(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, A
         # by default "poisson": distributed_poisson under DPDDP; in one process its draws
         # are the same global batches as the ranks' union
         sampler=spec["sampler"],
+        noise=spec["noise"],
     )
     if spec["faulty_noise"]:
         _break_noise_once(optimizer, spec["faulty_noise"], spec["seed"], rank)

@@ -26,6 +26,13 @@ NOISE_SPEC = {
     "steps": 4,
     "lr": 0.0,
 }
+#: correlated noise: rank 0's mechanism keeps the noise history, the others never draw
+BANDMF_SPEC = {
+    **NOISE_SPEC,
+    "noise": {"name": "bandmf", "bands": 2},
+    "sampler": "cyclic_poisson",
+    "batch_size": 10,
+}
 RESUME_SPEC = {
     "noise_multiplier": 0.8,
     "clipping": "adaptive",
@@ -41,11 +48,11 @@ def runs():
         {**NOISE_SPEC, "faulty_noise": "same"},
         {**NOISE_SPEC, "faulty_noise": "independent"},
         RESUME_SPEC,
+        BANDMF_SPEC,
     ]
     r0, r1 = run_ranks(private_runs, 2, specs)
-    return dict(
-        zip(["noise", "same", "independent", "straight"], zip(r0, r1, strict=True), strict=True)
-    )
+    names = ["noise", "same", "independent", "straight", "bandmf"]
+    return dict(zip(names, zip(r0, r1, strict=True), strict=True))
 
 
 def single_addition_pvalue(grads: torch.Tensor) -> float:
@@ -68,6 +75,15 @@ def test_noise_is_added_once_at_the_global_scale(runs):
     # exactly the draw a single process makes with the same seed: rank 0's stream, once
     single = private_run(0, 1, {**NOISE_SPEC, "ddp": False})
     assert all(torch.equal(a, b) for a, b in zip(r0["grads"], single["grads"], strict=True))
+
+
+def test_correlated_noise_is_added_once_too(runs):
+    r0, r1 = runs["bandmf"]
+    single = private_run(0, 1, {**BANDMF_SPEC, "ddp": False})
+    assert r0["sampler"] == "CyclicPoissonSampler"
+    for a, b, c in zip(r0["grads"], r1["grads"], single["grads"], strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert r0["epsilon"] == single["epsilon"]
 
 
 @pytest.mark.parametrize("how", ["same", "independent"])
