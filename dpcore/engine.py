@@ -66,6 +66,27 @@ def component(spec: ComponentSpec) -> ComponentConfig:
     )
 
 
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = (
+        obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
+    )
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_empty_batch(args: Any, kwargs: Any, batch_first: bool) -> bool:
+    """Whether a forward pass's first tensor input has an empty batch dimension."""
+    t = _first_tensor((args, kwargs))
+    if t is None or t.dim() == 0:
+        return False
+    return t.shape[0 if batch_first or t.dim() < 2 else 1] == 0
+
+
 class PrivacyEngine:
     """Private training for PyTorch: ``make_private``, accounting, state.
 
@@ -460,7 +481,15 @@ class PrivacyEngine:
             lambda: setattr(dp_optimizer, "logical_batches", dp_optimizer.logical_batches + 1)
         )
         dp_optimizer.attach_step_hook(self._account)
-        self._handles.append(inner.register_forward_pre_hook(lambda *_: dp_optimizer.flush()))
+        batch_first = cfg.batch_first
+
+        def before_forward(_module: nn.Module, args: Any, kwargs: Any) -> None:
+            # Clip the previous backward pass now, so accumulation never keeps more than
+            # one batch of activations; then note whether this pass is an empty batch.
+            dp_optimizer.flush()
+            dp_optimizer.empty_forward = _is_empty_batch(args, kwargs, batch_first)
+
+        self._handles.append(inner.register_forward_pre_hook(before_forward, with_kwargs=True))
 
         # -- remember the run ----------------------------------------------------------------
         self.module, self.optimizer, self.data_loader = inner, dp_optimizer, dp_loader

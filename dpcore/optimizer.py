@@ -121,6 +121,8 @@ class DPOptimizer(Optimizer):
         self._names_by_id.update({id(p): n for n, p in grad_sampler.named_parameters().items()})
 
         self._summed: dict[str, Tensor] = {}
+        #: whether the last forward pass had an empty batch (set by the engine's forward hook)
+        self.empty_forward = False
         self._skip_next = False
         self._last_step_skipped = False
         self._needs_zero_grad = False
@@ -183,6 +185,11 @@ class DPOptimizer(Optimizer):
         if not gs.has_pending():
             return
         self._check_zero_grad_called()
+        if self.empty_forward:
+            # the pass had no samples: its clipped sum is zero, whatever the grad sampler
+            gs.clear()
+            self.backward_passes += 1
+            return
         sq_norms = gs.per_sample_sq_norms()
         factors = self.clipper.clip_factors(sq_norms)
         sums = gs.clipped_sums(factors)

@@ -409,3 +409,14 @@ def test_adaptive_clipping_is_accounted_at_the_configured_sigma(accountant_name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert math.isfinite(engine.get_epsilon(1e-5))
+
+
+def test_empty_batch_detection_follows_batch_first_and_keyword_inputs():
+    from dpcore.engine import _is_empty_batch
+
+    assert _is_empty_batch((torch.zeros(0, 3),), {}, True)
+    assert not _is_empty_batch((torch.zeros(2, 3),), {}, True)
+    assert _is_empty_batch((), {"input_ids": torch.zeros(0, 5, dtype=torch.long)}, True)
+    assert _is_empty_batch(((torch.zeros(7, 0, 4), None),), {}, False)  # [T, B, F]
+    assert not _is_empty_batch((torch.zeros(7, 2, 4),), {}, False)
+    assert not _is_empty_batch(("text", 3), {}, True)
