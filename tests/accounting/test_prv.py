@@ -149,8 +149,21 @@ def test_monotone_in_steps_sigma_and_q(sigma, q, steps, factor):
 def test_lower_bound_never_exceeds_rdp(sigma, q, steps):
     rdp = RDPAccountant(orders=[1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128])
     rdp.step(noise_multiplier=sigma, sample_rate=q, steps=steps)
-    lower = _prv((sigma, q, steps)).get_epsilon_bounds(1e-5).lower
-    assert lower <= rdp.get_epsilon(1e-5)
+    bounds = _prv((sigma, q, steps)).get_epsilon_bounds(1e-5)
+    assert bounds.lower <= rdp.get_epsilon(1e-5)  # both bound the same true epsilon
+    assert bounds.upper <= rdp.get_epsilon(1e-5) + 0.025  # never looser, within its error
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    sigma=st.floats(0.3, 20.0),
+    steps=st.integers(1, 5000),
+    delta=st.sampled_from([1e-3, 1e-5, 1e-8]),
+)
+def test_full_batch_bounds_hold_everywhere(sigma, steps, delta):
+    exact = gaussian_epsilon(math.sqrt(steps) / sigma, delta)
+    bounds = _prv((sigma, 1.0, steps)).get_epsilon_bounds(delta)
+    assert bounds.lower <= exact <= bounds.upper
 
 
 def test_state_round_trips_through_torch_save_weights_only():
