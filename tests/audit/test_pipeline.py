@@ -6,6 +6,7 @@ import importlib.metadata as md
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ FAULTY = Path(__file__).resolve().parents[1] / "plugins" / "dpcore-faulty"
 
 
 @pytest.fixture(scope="module")
-def faulty_plugins() -> None:
-    """Install the broken test plugins into the environment, for real (entry points)."""
+def faulty_plugins() -> Iterator[None]:
+    """Install the broken test plugins into the environment for real (entry points), and
+    uninstall them afterwards so no other test ever sees them."""
     import tomllib
 
     wanted = tomllib.loads((FAULTY / "pyproject.toml").read_text())["project"]["version"]
@@ -36,6 +38,9 @@ def faulty_plugins() -> None:
         )  # fmt: skip
     reset_registry()
     yield
+    if installed != wanted:
+        pip = [sys.executable, "-m", "pip", "uninstall", "-q", "-y", "dpcore-faulty"]
+        subprocess.run(pip, check=True)
     reset_registry()
 
 
