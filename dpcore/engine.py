@@ -438,9 +438,6 @@ class PrivacyEngine:
         adapt = getattr(smp, "require_separation", None)
         if callable(adapt):
             adapt(int(getattr(noise_plugin, "min_separation", 1)))
-        require_separation = getattr(smp, "require_separation", None)
-        if callable(require_separation):  # optional: the sampler adopts the noise's need
-            require_separation(int(getattr(noise_plugin, "min_separation", 1)))
         self._check_compatible(cfg, smp, noise_plugin)
         dp_loader = DPDataLoader.from_data_loader(data_loader, sampler=smp)
         sigma = sigma_for(smp)
