@@ -11,8 +11,12 @@ It takes care of the things that make per-sample gradients silently wrong:
 * a layer called several times in one forward keeps one :class:`LayerCall` per
   call (their per-sample gradients add up);
 * ``batch_first=False``: :meth:`LayerCall.batch_first` moves the batch dimension
-  to the front (layers marked ``_dpcore_batch_first = True``, such as the linear
-  cells inside :mod:`dpcore.layers`, are always batch-first);
+  (dim 1) to the front. Layers that are batch-first by nature are left alone: those
+  marked ``_dpcore_batch_first = True`` (the linear cells inside
+  :mod:`dpcore.layers`), those ``batch_first_layer`` names (the ``hooks`` sampler
+  names layers whose sampler has ``batch_first_only = True``: convolutions,
+  GroupNorm, InstanceNorm, EmbeddingBag), and calls whose output has fewer than
+  three dimensions (``[B, features]``, e.g. a classifier head on a pooled state);
 * ``loss_reduction="mean"``: output gradients are multiplied by the batch size so
   that row ``i`` is sample ``i``'s own gradient;
 * an output whose batch dimension is not the batch size (an input broadcast over
@@ -31,7 +35,7 @@ DP optimizer may flush before or after this capture's own pre-forward hook.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -149,6 +153,7 @@ class ActivationCapture:
         loss_reduction: LossReduction = "mean",
         keep_inputs: bool = True,
         layers: list[tuple[str, nn.Module]] | None = None,
+        batch_first_layer: Callable[[nn.Module], bool] | None = None,
     ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise GradSampleError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -156,6 +161,7 @@ class ActivationCapture:
         self.batch_first = batch_first
         self.loss_reduction: LossReduction = loss_reduction
         self.keep_inputs = keep_inputs
+        self._batch_first_layer = batch_first_layer
         self.layers = trainable_layers(module) if layers is None else list(layers)
         self.paths = {m: path for path, m in self.layers}
         self.param_names = trainable_parameter_names(module)
@@ -190,7 +196,13 @@ class ActivationCapture:
             self._paused -= 1
 
     def batch_dim_of(self, layer: nn.Module) -> int:
-        return 0 if self.batch_first or getattr(layer, "_dpcore_batch_first", False) else 1
+        """0 or 1; layers that are batch-first by nature (``_dpcore_batch_first``, or as
+        ``batch_first_layer`` says, e.g. EmbeddingBag whose bags are rows) always 0."""
+        if self.batch_first or getattr(layer, "_dpcore_batch_first", False):
+            return 0
+        if self._batch_first_layer is not None and self._batch_first_layer(layer):
+            return 0
+        return 1
 
     # -- batches -------------------------------------------------------------------------
     def _close_current(self) -> None:
@@ -266,12 +278,17 @@ class ActivationCapture:
             for t in pytree.tree_leaves((d_args, d_kwargs))
             if isinstance(t, Tensor) and not t.is_inference()
         ]
+        batch_dim = self.batch_dim_of(layer)
+        if batch_dim == 1 and layer is not self.module and outputs[0].dim() < 3:
+            # sequence-first model, but no sequence dimension here ([B, features], e.g. a
+            # classifier on the last hidden state): the batch is the first dimension
+            batch_dim = 0
         call = LayerCall(
             args=d_args,
             kwargs=d_kwargs,
             outputs=[t.detach() for t in outputs],
             grad_outputs=[None] * len(outputs),
-            batch_dim=self.batch_dim_of(layer),
+            batch_dim=batch_dim,
             batch_size=batch.batch_size,
             loss_reduction=self.loss_reduction,
             versions=versions,

@@ -109,16 +109,16 @@ def _batch_size(inputs: Any, dim: int) -> int:
     raise GradSampleError(f"inputs hold no tensor with a batch dimension {dim}")
 
 
-def _select(tree: Any, dim: int, batch: int, index: int) -> Any:
-    """Sample ``index`` (kept as a batch of one) of every tensor with the batch size."""
+def _select(tree: Any, dims: tuple[int, ...], batch: int, index: int) -> Any:
+    """Sample ``index`` (kept as a batch of one) of every tensor with the batch size in
+    one of ``dims`` (tried in order); other tensors are shared by all samples."""
 
     def pick(leaf: Any) -> Any:
         if not isinstance(leaf, Tensor):
             return leaf
-        if leaf.dim() > dim and leaf.shape[dim] == batch:
-            return leaf.narrow(dim, index, 1)
-        if leaf.dim() > 0 and leaf.shape[0] == batch:  # e.g. targets [B] of a sequence-first model
-            return leaf.narrow(0, index, 1)
+        for dim in dims:
+            if leaf.dim() > dim and leaf.shape[dim] == batch:
+                return leaf.narrow(dim, index, 1)
         return leaf
 
     return pytree.tree_map(pick, tree)
@@ -160,6 +160,7 @@ def microbatch_gradients(
     loss_fn: LossFn,
     *,
     batch_first: bool = True,
+    targets_batch_dim: int | None = None,
 ) -> tuple[dict[str, Tensor], list[Any]]:
     """``({name: [B, *shape]}, outputs)``: each sample's gradient from a batch of one."""
     model = _prepare(module)
@@ -168,9 +169,14 @@ def microbatch_gradients(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     rows: dict[str, list[Tensor]] = {n: [] for n in params}
     outputs = []
+    input_dims = (dim, 0) if dim else (0,)
+    if targets_batch_dim is not None:
+        target_dims: tuple[int, ...] = (targets_batch_dim,)
+    else:  # per-sample targets ([B], [B, k]) first, then per-token ones ([T, B])
+        target_dims = (0, dim) if dim else (0,)
     for i in range(batch):
-        out = _call(model, _select(inputs, dim, batch, i))
-        loss = loss_fn(out, _select(targets, dim, batch, i))
+        out = _call(model, _select(inputs, input_dims, batch, i))
+        loss = loss_fn(out, _select(targets, target_dims, batch, i))
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (name, p), g in zip(params.items(), grads, strict=True):
             rows[name].append(torch.zeros_like(p) if g is None else g.detach())
@@ -213,6 +219,7 @@ def check_per_sample_gradients(
     loss_reduction: str = "mean",
     options: Mapping[str, Any] | None = None,
     seed: int = 0,
+    targets_batch_dim: int | None = None,
 ) -> CheckReport:
     """Compare grad sampler ``grad_sample_mode`` with micro-batches of size one.
 
@@ -231,6 +238,8 @@ def check_per_sample_gradients(
         options: options of the grad sampler (``store_grad_sample`` is turned on
             where the sampler has it, to compare the gradients themselves).
         seed: seeds the random clip factors.
+        targets_batch_dim: the batch dimension of the targets; by default dim 0 where
+            it has the batch size, else (sequence-first) dim 1.
 
     Returns:
         A :class:`CheckReport` naming each disagreeing parameter by its module path.
@@ -243,7 +252,12 @@ def check_per_sample_gradients(
 
     try:
         reference, micro_outputs = microbatch_gradients(
-            module, inputs, targets, loss_fn, batch_first=batch_first
+            module,
+            inputs,
+            targets,
+            loss_fn,
+            batch_first=batch_first,
+            targets_batch_dim=targets_batch_dim,
         )
     except (RuntimeError, ValueError) as exc:
         report.batch_mixing = True

@@ -57,8 +57,12 @@ def per_sample_grads_of_call(
             elif leaf.dim() > 0 and leaf.shape[0] == batch:
                 in_dims[i] = 0
     batched = list(in_dims)
+    # outputs that received no gradient (e.g. the final state of an RNN nobody used) are
+    # left out of the pull-back: their cotangent is zero
     differentiable = [
-        i for i, o in enumerate(call.outputs) if o.is_floating_point() or o.is_complex()
+        i
+        for i, (o, g) in enumerate(zip(call.outputs, call.grad_outputs, strict=True))
+        if g is not None and (o.is_floating_point() or o.is_complex())
     ]
     cotangents = call.batched_grad_outputs()  # batch first
     cotangents = [cotangents[i] for i in differentiable]

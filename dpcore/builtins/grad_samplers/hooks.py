@@ -15,7 +15,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from dpcore.capture import CapturedBatch, LayerCall
+from dpcore.capture import (
+    ActivationCapture,
+    CapturedBatch,
+    LayerCall,
+    LossReduction,
+    trainable_layers,
+)
 from dpcore.registry import get_registry
 
 from ._base import MaterializingGradSampler, MaterializingOptions
@@ -59,11 +65,25 @@ class HooksGradSampler(MaterializingGradSampler):
     def attach(self, module: nn.Module, **kwargs: Any) -> None:
         super().attach(module, **kwargs)
         assert self.capture is not None
+        self._names = {id(p): n for n, p in self._params.items()}
+
+    def make_capture(
+        self, module: nn.Module, *, batch_first: bool, loss_reduction: LossReduction
+    ) -> ActivationCapture:
         registry = get_registry()
         self._samplers = {
-            layer: registry.layer_grad_sampler_for(layer) for _, layer in self.capture.layers
+            layer: registry.layer_grad_sampler_for(layer) for _, layer in trainable_layers(module)
         }
-        self._names = {id(p): n for n, p in self._params.items()}
+
+        def batch_first_layer(layer: nn.Module) -> bool:
+            return bool(getattr(self._samplers.get(layer), "batch_first_only", False))
+
+        return ActivationCapture(
+            module,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            batch_first_layer=batch_first_layer,
+        )
 
     def layer_sampler(self, layer: nn.Module) -> Any | None:
         """The registered sampler of ``layer`` (None: the torch.func fallback)."""

@@ -48,6 +48,8 @@ class ConvGradSampler(MaterializingLayerGradSampler):
     choice compares ``2 G L²`` with the weight size ``C_out · C_in/G · Πk``.
     """
 
+    batch_first_only = True  # torch wants [B, C, ...] whatever the model's layout
+
     def __init__(self, strategy: Strategy = "auto") -> None:
         self.strategy: Strategy = strategy
 

@@ -113,7 +113,10 @@ class EmbeddingGradSampler(_ScatterGradSampler):
 
 class EmbeddingBagGradSampler(_ScatterGradSampler):
     """Bags of embeddings, ``mode='sum'`` or ``'mean'`` (with ``per_sample_weights``,
-    offsets or 2-D input, ``padding_idx``). Each bag is one sample."""
+    offsets or 2-D input, ``padding_idx``). Each bag is one sample, so the batch
+    dimension is the first even in sequence-first models."""
+
+    batch_first_only = True
 
     def entries(self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> Entries:
         if layer.mode == "max":

@@ -60,6 +60,8 @@ class RMSNormGradSampler(MaterializingLayerGradSampler):
 class GroupNormGradSampler(MaterializingLayerGradSampler):
     """``nn.GroupNorm`` (affine); parameters are per channel (dim 1)."""
 
+    batch_first_only = True  # torch wants [B, C, ...] whatever the model's layout
+
     def per_sample_grads(
         self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
@@ -77,6 +79,8 @@ class InstanceNormGradSampler(MaterializingLayerGradSampler):
     """``nn.InstanceNorm1d/2d/3d`` with ``affine=True``; per channel, like GroupNorm
     with one group per channel. Uses the running statistics exactly when the layer's
     forward did (eval mode with ``track_running_stats``)."""
+
+    batch_first_only = True  # torch wants [B, C, ...] whatever the model's layout
 
     def per_sample_grads(
         self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
