@@ -153,6 +153,11 @@ class TrainSettings(BaseModel):
     )
     device: str = Field(default="cpu", description="'cpu', 'cuda', 'cuda:1' or 'auto'")
     eval_batch_size: int = Field(default=1024, gt=0)
+    num_threads: int | None = Field(
+        default=None,
+        gt=0,
+        description="torch CPU threads (torch.set_num_threads); default: torch's choice",
+    )
 
     @field_validator("model")
     @classmethod
@@ -592,6 +597,8 @@ def train(
     from .rng import derive_seed
 
     device = _device(cfg.train)
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(derive_seed(seed, "model"))
     model = build_model(cfg.train).to(device)
     train_set, test_set = build_datasets(cfg.train)

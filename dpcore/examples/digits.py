@@ -23,7 +23,7 @@ epochs = 30
 delta = 1e-5
 max_grad_norm = 1.0
 seed = 0
-grad_sampler = { name = "hooks" }
+grad_sampler = { name = "bk" }        # book-keeping: one backward pass
 clipper = { name = "flat" }
 noise = { name = "gaussian" }
 sampler = { name = "poisson" }
@@ -37,6 +37,7 @@ lr = 2.0
 batch_size = 256          # sample rate = 1 / ceil(1437 / 256) = 1/6
 checkpoint_every = 1      # epochs
 keep_last = 2
+num_threads = 1           # a model this small runs faster on one CPU thread
 """
 
 
