@@ -2,7 +2,8 @@
 
 The audited run is the real pipeline (``PrivacyEngine.from_config(config)`` and its
 ``make_private``), on a model and data chosen so that the canaries' scores are
-readable: one bias-free ``nn.Linear`` with enough weights for every canary, and a
+readable: bias-free ``nn.Linear`` maps (one per clipping bound when ``max_grad_norm``
+is a list) with at least two weights per canary, and a
 small data set of zero inputs, whose per-sample gradients are exactly zero. The
 grad sampler still processes every real batch; the canaries enter through
 :class:`~dpcore.audit.canaries.CanaryAudit` like in any training run.
@@ -26,6 +27,20 @@ from .report import AuditReport
 #: zero-input examples per expected batch of real data
 REAL_BATCH = 4
 INPUT_FEATURES = 64
+
+
+class _Probe(nn.Module):
+    """Bias-free linear maps of the same input, summed: with zero inputs every per-sample
+    gradient is exactly zero."""
+
+    def __init__(self, layers: int, out_features: int) -> None:
+        super().__init__()
+        self.maps = nn.ModuleList(
+            nn.Linear(INPUT_FEATURES, out_features, bias=False) for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.maps]).sum(0)
 
 
 def run_audit(
@@ -70,8 +85,10 @@ def run_audit(
         updates["epochs"] = steps / batches_per_epoch
     cfg = cfg.model_copy(update=updates)
 
-    out_features = max(1, math.ceil(2 * canaries / INPUT_FEATURES))
-    model = nn.Linear(INPUT_FEATURES, out_features, bias=False)
+    # one weight matrix per clipping bound, so per-layer bounds given as a list apply
+    layers = len(cfg.max_grad_norm) if isinstance(cfg.max_grad_norm, list) else 1
+    out_features = max(1, math.ceil(2 * canaries / (INPUT_FEATURES * layers)))
+    model = _Probe(layers, out_features)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     n = REAL_BATCH * batches_per_epoch
     data = TensorDataset(torch.zeros(n, INPUT_FEATURES), torch.zeros(n, out_features))

@@ -193,6 +193,10 @@ def test_every_clipper(name: str) -> None:
     _passes(clipper={"name": name})
 
 
+def test_per_layer_bounds_given_as_a_list() -> None:
+    _passes(clipper={"name": "per_layer"}, max_grad_norm=[0.5, 1.0, 2.0])
+
+
 @pytest.mark.filterwarnings("ignore:sampler 'shuffle'")
 @pytest.mark.parametrize("name", ["poisson", "distributed_poisson", "shuffle"])
 def test_every_sampler(name: str) -> None:
