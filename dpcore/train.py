@@ -700,15 +700,15 @@ def train(
                     )
             if result_stop != "completed":
                 break
-    if result_stop != "completed" and (saved is None or _step_of(saved) != int(engine.steps)):
-        saved = _save(engine, run_path, model, optimizer, loader, cfg, epoch, int(engine.steps))
+        # (still inside the handlers: a second SIGTERM must not cut these writes short)
+        if result_stop != "completed" and (saved is None or _step_of(saved) != int(engine.steps)):
+            saved = _save(engine, run_path, model, optimizer, loader, cfg, epoch, int(engine.steps))
+        wall = time.monotonic() - started
+        user_model = unwrap_module(model)
+        if main and result_stop != "interrupted":
+            from .checkpoint import atomic_save
 
-    wall = time.monotonic() - started
-    user_model = unwrap_module(model)
-    if main and result_stop != "interrupted":
-        from .checkpoint import atomic_save
-
-        atomic_save(user_model.state_dict(), run_path / MODEL_FILE)
+            atomic_save(user_model.state_dict(), run_path / MODEL_FILE)
     epsilon = float(engine.get_epsilon(delta)) if len(engine.accountant) else 0.0
     result = TrainResult(
         run_dir=run_path,
