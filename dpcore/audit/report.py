@@ -119,8 +119,14 @@ def build_report(
         mu_tolerance = E.tolerance(calibration.standard_error_at(mu_expected), false_alarm)
     else:
         mu_tolerance = 0.0
-    grid_size = len({E._split_counts(canaries.count, f) for f in E.DEFAULT_GRID})
-    ceiling = E.perfect_guessing_ceiling(canaries.count, canaries.count, alpha / grid_size, delta)
+    if selection == "split":  # the test runs on the second half at level alpha
+        half = canaries.count - canaries.count // 2
+        ceiling = E.perfect_guessing_ceiling(half, half, alpha, delta)
+    else:
+        grid_size = len({E._split_counts(canaries.count, f) for f in E.DEFAULT_GRID})
+        ceiling = E.perfect_guessing_ceiling(
+            canaries.count, canaries.count, alpha / grid_size, delta
+        )
 
     reasons: list[str] = []
     if one_run.epsilon > claimed_epsilon:
