@@ -304,7 +304,7 @@ def run_one(
         try:
             torch.manual_seed(0)
             gen = torch.Generator().manual_seed(0)
-            kwargs = {"expand_positions": True} if w.sequence and mode == "opacus-ghost" else {}
+            kwargs = {"expand_positions": True} if w.sequence and mode.startswith("opacus-") else {}
             model = w.build(**kwargs).to(device)
             x, y = w.make_batch(w.batch, device, gen)
             step = setup(w, model, device, dtype, x, y)
@@ -317,7 +317,7 @@ def run_one(
                 step_ms_spread=[round(min(times), 3), round(max(times), 3)],
             )
             if kwargs:
-                row["note"] = "position ids expanded to the batch (broadcast ones are refused)"
+                row["note"] = "position ids expanded to the batch (Opacus fails on broadcast ones)"
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             if not isinstance(exc, torch.cuda.OutOfMemoryError):

@@ -6,6 +6,7 @@ frozen parameters, autocast)."""
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 
 import pytest
@@ -19,6 +20,8 @@ from dpcore.errors import GradSampleError
 from dpcore.registry import get_registry
 
 MODES = ["bk", "ghost"]
+#: the same checks run on a GPU with DPCORE_TEST_DEVICE=cuda (benchmarks/README.md)
+DEVICE = torch.device(os.environ.get("DPCORE_TEST_DEVICE", "cpu"))
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -60,7 +63,7 @@ def run(
     autocast: bool = False,
 ):
     gs = make(mode, model, batch_first=batch_first, loss_reduction=loss_reduction)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(x)
         losses = loss_fn(out, y)
     loss = losses.mean() if loss_reduction == "mean" else losses.sum()
@@ -69,7 +72,7 @@ def run(
     norms = gs.per_sample_sq_norms()
     batch = x.shape[0 if batch_first else 1]
     gen = torch.Generator().manual_seed(1)
-    factors = {n: torch.rand(batch, generator=gen) for n in norms}
+    factors = {n: torch.rand(batch, generator=gen).to(DEVICE) for n in norms}
     sums = gs.clipped_sums(factors)
     assert not gs.has_pending()
     return gs, norms, factors, sums
@@ -87,7 +90,8 @@ def check(
     **kw,
 ) -> None:
     torch.manual_seed(0)
-    model = build()
+    model = build().to(DEVICE)
+    x, y = x.to(DEVICE), y.to(DEVICE)
     ref_model = copy.deepcopy(model)
     gs, norms, factors, sums = run(mode, model, x, y, loss_fn, **kw)
     ref = reference(ref_model, x, y, loss_fn, kw.get("batch_first", True))
@@ -145,7 +149,7 @@ class TinyGPT(nn.Module):
             self.mix.requires_grad_(False)
 
     def forward(self, ids: Tensor) -> Tensor:
-        pos = torch.arange(ids.shape[1])[None]  # [1, T]: broadcast over the batch
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]  # [1, T]: broadcast
         h = self.tok(ids) + self.pos(pos)
         h = h + self.down(F.gelu(self.up(self.norm(h))))
         h = h + self.mix(h)
@@ -256,7 +260,8 @@ def test_batch_second(mode: str) -> None:
 def test_bf16_autocast_norms(mode: str) -> None:
     x, y = seq_data(b=6)
     torch.manual_seed(0)
-    model = TinyGPT()
+    model = TinyGPT().to(DEVICE)
+    x, y = x.to(DEVICE), y.to(DEVICE)
     ref = reference(copy.deepcopy(model), x, y, ce_per_sample)
     _, norms, factors, sums = run(mode, model, x, y, ce_per_sample, autocast=True)
     for name, g in ref.items():
@@ -307,11 +312,11 @@ def test_no_recording_without_grad(mode: str) -> None:
 def test_two_batches_one_after_the_other(mode: str) -> None:
     """After clipping, the next batch starts clean (no stale records)."""
     torch.manual_seed(0)
-    model = TinyGPT()
+    model = TinyGPT().to(DEVICE)
     ref_model = copy.deepcopy(model)
     gs = make(mode, model)
     for seed in (0, 1):
-        x, y = seq_data(b=3 + seed)
+        x, y = (t.to(DEVICE) for t in seq_data(b=3 + seed))
         ce_per_sample(model(x), y).mean().backward()
         norms = gs.per_sample_sq_norms()
         ones = {n: torch.ones_like(v) for n, v in norms.items()}

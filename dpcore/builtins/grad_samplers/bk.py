@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from dpcore.bookkeeping import BookkeepingSampler
+from dpcore.bookkeeping import BookkeepingSampler, Call, Unit
 from dpcore.hookspecs import Register
 
 
@@ -28,13 +28,31 @@ class BookKeepingGradSampler(BookkeepingSampler):
     def __init__(self) -> None:
         super().__init__()
         self._norms: dict[str, Tensor] | None = None
+        self._eager: dict[int, bool] = {}  # per unit, decided at its first call of a batch
 
     def has_pending(self) -> bool:
-        return any(unit.calls for unit in self.units)
+        return bool(self._materialised) or any(unit.calls for unit in self.units)
+
+    def _consume(self, unit: Unit, call: Call) -> None:
+        """Small layers (norms, biases, early convolutions) are cheaper to keep as
+        per-sample gradients than as activations and output gradients: instantiate them
+        as soon as the output gradient arrives and let the tensors go."""
+        eager = self._eager.get(id(unit))
+        if eager is None:
+            kept = sum(t.numel() * t.element_size() for t in (*call.inputs, call.grad_output))
+            own = sum(unit.layer._parameters[n].numel() for n in unit.names)
+            eager = self._eager[id(unit)] = 4 * own * call.grad_output.shape[0] <= kept
+        if not eager:
+            unit.calls.append(call)
+            return
+        with self.paused():
+            grads = unit.sampler.per_sample_grads(unit.layer, call.inputs, call.grad_output)
+        for q, g in unit.qualify(grads).items():
+            prev = self._materialised.get(q)
+            self._materialised[q] = g if prev is None else prev + g
 
     def per_sample_sq_norms(self) -> dict[str, Tensor]:
         if self._norms is None:
-            self._materialised = {}
             norms: dict[str, Tensor] = {}
             for unit in self.units:
                 if unit.calls:
@@ -58,6 +76,7 @@ class BookKeepingGradSampler(BookkeepingSampler):
     def clear(self) -> None:
         super().clear()
         self._norms = None
+        self._eager = {}
 
 
 def register_grad_samplers(register: Register) -> None:
