@@ -166,19 +166,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 def unwrap_module(module: nn.Module) -> nn.Module:
     """The user's own module inside dpcore/DDP wrappers (parameters named as the user
     named them)."""
-    seen = 0
-    while seen < 16:
+    for _ in range(16):  # PrivateModule(DPDDP(model)) and the like
         inner = getattr(module, "_module", None)
-        if isinstance(inner, nn.Module):
-            module = inner
-        elif isinstance(module, nn.parallel.DistributedDataParallel) or (
-            type(module).__name__ in {"DPDDP", "DistributedDataParallel"}
-            and isinstance(getattr(module, "module", None), nn.Module)
+        if not isinstance(inner, nn.Module) and (
+            isinstance(module, nn.parallel.DistributedDataParallel)
+            or type(module).__name__ == "DPDDP"
         ):
-            module = module.module
-        else:
-            return module
-        seen += 1
+            inner = getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
     return module
 
 

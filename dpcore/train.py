@@ -224,7 +224,7 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> TrainConfig:
-        return cls.from_dict(load_toml(path), source=str(path))
+        return cls.from_dict(load_toml(Path(path)), source=str(path))
 
     @classmethod
     def default(cls) -> TrainConfig:
