@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import dpcore
+from dpcore.accounting import create_accountant
 from dpcore.config import EngineConfig
 from dpcore.errors import (
     ConfigError,
@@ -162,7 +163,7 @@ def test_accounting_follows_real_steps(accountant_name):
     _train(model, opt, dl)
     _train(model, opt, dl)
     assert engine.steps == 8
-    acc = dpcore.accounting.create_accountant(accountant_name)
+    acc = create_accountant(accountant_name)
     acc.step(noise_multiplier=1.1, sample_rate=0.25, steps=8)
     assert engine.get_epsilon(1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
 

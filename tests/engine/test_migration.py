@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dpcore
 from dpcore import BatchMemoryManager, ModuleValidator, PrivacyEngine
+from dpcore.accounting import create_accountant
 
 pytestmark = pytest.mark.usefixtures("accountant_name")
 DELTA = 1e-5
@@ -144,7 +145,7 @@ def test_no_data_loader_components_directly(accountant_name):
     registry = dpcore.get_registry()
     model = Net()
     optimizer = SGD(model.parameters(), lr=0.05)
-    accountant = dpcore.accounting.create_accountant(accountant_name)
+    accountant = create_accountant(accountant_name)
 
     grad_sampler = registry.create("grad_sampler", "hooks")
     grad_sampler.attach(model)
