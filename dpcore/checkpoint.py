@@ -181,11 +181,8 @@ def unwrap_module(module: nn.Module) -> nn.Module:
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The inner torch optimizer of a DP optimizer (or the optimizer itself)."""
-    for attr in ("original_optimizer", "inner", "optimizer"):
-        inner = getattr(optimizer, attr, None)
-        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
-            return inner
-    return optimizer
+    inner = getattr(optimizer, "original_optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
 # ----------------------------------------------------------------------------------------
