@@ -134,15 +134,23 @@ if __name__ == "__main__":  # python resume_worker.py continue CASES.pt OUT.pt
 
 # -- for `dpcore train` tests ---------------------------------------------------------------
 class _SlowDataset(TensorDataset):
-    """Sleeps DPCORE_TEST_DELAY seconds per item, so a signal can arrive mid-run."""
+    """Sleeps DPCORE_TEST_DELAY seconds per item, so a signal can arrive mid-run; sends
+    this process DPCORE_TEST_SIGNAL when item number DPCORE_TEST_SIGNAL_AT is read (in the
+    middle of a batch, so the step must be finished before stopping)."""
+
+    items_read = 0
 
     def __getitem__(self, i: int) -> Any:
         import os
+        import signal
         import time
 
         delay = float(os.environ.get("DPCORE_TEST_DELAY", "0"))
         if delay:
             time.sleep(delay)
+        _SlowDataset.items_read += 1
+        if _SlowDataset.items_read == int(os.environ.get("DPCORE_TEST_SIGNAL_AT", "-1")):
+            os.kill(os.getpid(), getattr(signal, os.environ.get("DPCORE_TEST_SIGNAL", "SIGINT")))
         return super().__getitem__(i)
 
 

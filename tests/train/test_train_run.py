@@ -96,6 +96,24 @@ def test_sigterm_checkpoints_and_resume_reaches_the_same_state(config_file, tmp_
     assert len(list_checkpoints(run_dir)) == 2  # keep_last
 
 
+def test_sigint_mid_batch_finishes_the_step_then_resume_matches(
+    config_file, tmp_path, reference, monkeypatch
+):
+    ref, ref_model = reference
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(w._SlowDataset, "items_read", 0)
+    monkeypatch.setenv("DPCORE_TEST_SIGNAL_AT", "100")  # inside step 13 (about 8 items a step)
+    result = train(config_file, run_dir=run_dir, **_quiet())
+    assert result.stopped == "interrupted" and result.signal == "SIGINT"
+    assert 10 < result.steps < 30 and result.checkpoint is not None
+    saved = read_checkpoint(result.checkpoint)
+    assert saved["engine"]["steps"] == result.steps
+    monkeypatch.delenv("DPCORE_TEST_SIGNAL_AT")
+    resumed = train(config_file, resume="auto", run_dir=run_dir, **_quiet())
+    assert resumed.stopped == "completed" and resumed.epsilon == ref.epsilon
+    assert _same_model(run_dir, ref_model)
+
+
 @pytest.mark.slow
 def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes(
     config_file, tmp_path, reference
