@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import integrate, special, stats
 
 from dpcore.audit import estimators as E
@@ -247,3 +249,24 @@ def test_invalid_arguments() -> None:
         E.one_run_p_value(10, 5, 6, 1.0, 0.0)
     with pytest.raises(ValueError, match="two in"):
         E.calibrate(np.zeros(3), np.array([True, False, False]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(2, 3000),
+    frac_guess=st.floats(0.01, 1.0),
+    frac_correct=st.floats(0.0, 1.0),
+    delta=st.sampled_from([0.0, 1e-6, 1e-4]),
+)
+def test_bound_properties(m: int, frac_guess: float, frac_correct: float, delta: float) -> None:
+    r = max(1, round(frac_guess * m))
+    v = round(frac_correct * r)
+    eps = E.one_run_epsilon(m, r, v, 0.05, delta)
+    assert eps >= 0
+    if eps > 0:  # the bound is rejected at its own level, and is below the empirical log-odds
+        assert E.one_run_p_value(m, r, v, eps, delta) <= 0.05
+        assert v == r or eps < math.log(v / (r - v))
+    if v < r:  # one more correct guess never lowers the bound
+        assert E.one_run_epsilon(m, r, v + 1, 0.05, delta) >= eps - 1e-9
+    if delta > 0:  # delta only makes the test harder to fail
+        assert eps <= E.one_run_epsilon(m, r, v, 0.05, 0.0) + 1e-9
