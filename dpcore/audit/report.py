@@ -111,7 +111,11 @@ def build_report(
     fdp = E.audit_scores(
         scores, included, alpha=alpha, delta=delta, selection=rule, seed=seed, fdp=True
     )
-    calibration = E.calibrate(scores, included)
+    n_in = int(np.sum(included))
+    if min(n_in, len(included) - n_in) >= 2:
+        calibration = E.calibrate(scores, included)
+    else:  # too few canaries on one side to estimate a spread
+        calibration = E.Calibration(math.nan, math.nan, n_in, len(included) - n_in, math.nan)
     mu_expected = E.expected_mu(
         effective_contributions(canaries, coefs), np.asarray(canaries.noise_stds), rate_per_step
     )
@@ -136,7 +140,7 @@ def build_report(
         )
     gap = calibration.mu_hat - mu_expected
     # without noise (sigma = 0) nothing is expected of the separation: the claim is infinite
-    calibrated = math.isfinite(mu_expected)
+    calibrated = math.isfinite(mu_expected) and not math.isnan(calibration.mu_hat)
     if calibrated and not (gap <= mu_tolerance and (gap >= -mu_tolerance or not two_sided)):
         direction = "more" if gap > 0 else "less"
         reasons.append(
