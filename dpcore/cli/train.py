@@ -14,7 +14,7 @@ from ._common import console, user_errors
 def train(
     config: Optional[Path] = typer.Argument(
         None,
-        help="TOML config (engine keys plus a [train] table). Omit to run the built-in "
+        help="TOML config (engine keys plus a \\[train] table). Omit to run the built-in "
         "example (a small CNN on scikit-learn's 8x8 digits), or with --resume and --run-dir "
         "to continue that run with its recorded config.json.",
         show_default=False,
@@ -28,10 +28,10 @@ def train(
     run_dir: Optional[Path] = typer.Option(
         None,
         "--run-dir",
-        help="Where checkpoints, metrics.jsonl and model.pt go [default: runs/<config name>].",
+        help="Where checkpoints, metrics.jsonl and model.pt go \\[default: runs/<config name>].",
     ),
     epochs: Optional[int] = typer.Option(
-        None, "--epochs", min=1, help="Total epochs (overrides [train] epochs)."
+        None, "--epochs", min=1, help="Total epochs (overrides \\[train] epochs)."
     ),
     allow_config_change: bool = typer.Option(
         False,
@@ -40,7 +40,7 @@ def train(
         "then composes both phases.",
     ),
     progress: Optional[bool] = typer.Option(
-        None, "--progress/--no-progress", help="Progress bars [default: when on a terminal]."
+        None, "--progress/--no-progress", help="Progress bars \\[default: when on a terminal]."
     ),
     audit: Optional[int] = typer.Option(
         None,
