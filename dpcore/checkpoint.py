@@ -337,9 +337,21 @@ def load_checkpoint(
     else:
         # Before make_private the engine keeps the state and reconciles it (same check)
         # when the run's configuration exists.
+        # The accountant is known already (it is restored at once): check it here.
         engine_state = {**saved_engine, "allow_config_change": bool(allow_config_change)}
         if allow_config_change:
             engine_state["accountant"] = _composed_accountant_state(saved_engine, engine)
+        else:
+            saved_acc = (saved_engine.get("config") or {}).get("accountant")
+            current_acc = getattr(engine, "accountant_config", None)
+            if saved_acc is not None and current_acc is not None:
+                current_dump = current_acc.model_dump()
+                if not _same(saved_acc, current_dump):
+                    raise CheckpointError(
+                        f"{str(path)!r} was written with a different privacy configuration:\n"
+                        f"  accountant: checkpoint {saved_acc!r}, engine {current_dump!r}\n"
+                        "Resume with the same configuration, or pass allow_config_change=True."
+                    )
 
     target = unwrap_module(module)
     try:

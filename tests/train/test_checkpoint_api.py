@@ -116,3 +116,41 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(dpcore.distributed, "rank", lambda: 0)
     assert engine.save_checkpoint(path=tmp_path / "c.pt", module=model, optimizer=optimizer)
     assert (tmp_path / "c.pt").exists()
+
+
+def test_config_change_before_make_private_refused_or_composed(tmp_path):
+    import dpcore
+    from dpcore.config import EngineConfig
+    from dpcore.registry import get_registry
+
+    engine, model, optimizer, loader = w.setup(CASE)
+    w.train_until(CASE, engine, model, optimizer, loader, 4)
+    engine.save_checkpoint(
+        path=tmp_path / "c.pt", module=model, optimizer=optimizer, data_loader=loader
+    )
+
+    def fresh(**overrides):
+        eng = dpcore.PrivacyEngine.from_config(EngineConfig.from_dict(w.base_config(**overrides)))
+        plain = w.make_model()
+        return eng, plain, torch.optim.SGD(plain.parameters(), lr=0.5, momentum=0.9)
+
+    eng, plain, opt = fresh(accountant={"name": "gdp"})
+    with pytest.raises(CheckpointError, match="accountant: checkpoint"):
+        eng.load_checkpoint(path=tmp_path / "c.pt", module=plain, optimizer=opt)
+
+    eng, plain, opt = fresh(accountant={"name": "prv"}, noise_multiplier=1.5)
+    eng.load_checkpoint(
+        path=tmp_path / "c.pt", module=plain, optimizer=opt, allow_config_change=True
+    )
+    case = {"config": w.base_config(accountant={"name": "prv"}, noise_multiplier=1.5)}
+    plain, opt, loader = eng.make_private(
+        module=plain,
+        optimizer=opt,
+        data_loader=torch.utils.data.DataLoader(w.make_data(), batch_size=8),
+    )
+    assert eng.steps == 4
+    w.train_until(case, eng, plain, opt, loader, 7)
+    assert eng.accountant.history == [(0.8, 0.2, 4), (1.5, 0.2, 3)]
+    both = get_registry().create("accountant", "prv")
+    both.load_state_dict({"name": "prv", "history": [[0.8, 0.2, 4], [1.5, 0.2, 3]]})
+    assert eng.get_epsilon(1e-5) == both.get_epsilon(1e-5)
