@@ -8,6 +8,7 @@ materialising ``B`` copies of the parameters.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -17,7 +18,9 @@ from torch import Tensor, nn
 def sq_norms_of(per_sample: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Squared L2 norm per sample (float32) of each ``[B, ...]`` tensor."""
     return {
-        name: g.reshape(g.shape[0], -1).float().pow(2).sum(dim=1) for name, g in per_sample.items()
+        # explicit width: reshape(B, -1) is ambiguous for an empty batch
+        name: g.reshape(g.shape[0], math.prod(g.shape[1:])).float().pow(2).sum(dim=1)
+        for name, g in per_sample.items()
     }
 
 

@@ -27,7 +27,7 @@ def microbatch_grads(
     rows: dict[str, list[Tensor]] = {n: [] for n in params}
     for i in range(batch):
         xi = x.narrow(dim, i, 1)
-        yi = y.narrow(dim if y.dim() > dim else 0, i, 1)
+        yi = y.narrow(0, i, 1)  # targets are per sample: [B, ...]
         grads = torch.autograd.grad(
             loss_fn(model(xi), yi), list(params.values()), allow_unused=True
         )
@@ -56,6 +56,7 @@ def sampler_grads(
         loss_fn(model(x), y).backward()
         norms = gs.per_sample_sq_norms()
         grads = {n: p.grad_sample.clone() for n, p in gs.named_parameters().items()}
-    finally:
-        pass
+    except BaseException:
+        gs.detach()
+        raise
     return grads, norms, gs

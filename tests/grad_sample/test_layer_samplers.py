@@ -258,3 +258,39 @@ def test_norms_in_float32_under_bfloat16() -> None:
         nn.Linear(4, 3), (a.float(),), g, {"weight": torch.ones(2), "bias": torch.ones(2)}
     )
     assert sums["weight"].dtype == torch.float32
+
+
+EMPTY = {
+    "linear": (nn.Linear(3, 2), (0, 4, 3)),
+    "conv2d": (nn.Conv2d(2, 4, 3, padding=1, groups=2), (0, 2, 5, 5)),
+    "conv1d_same": (nn.Conv1d(2, 2, 3, padding="same"), (0, 2, 6)),
+    "layernorm": (nn.LayerNorm(3), (0, 4, 3)),
+    "groupnorm": (nn.GroupNorm(1, 2), (0, 2, 4)),
+    "rmsnorm": (nn.RMSNorm(3), (0, 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMPTY))
+def test_empty_batch(case: str) -> None:
+    layer, shape = EMPTY[case]
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        g = torch.randn_like(layer(x))
+    sampler = registered(layer)
+    grads = sampler.per_sample_grads(layer, (x,), g)
+    norms = sampler.per_sample_sq_norms(layer, (x,), g)
+    sums = sampler.clipped_sums(layer, (x,), g, {n: torch.ones(0) for n in grads})
+    for name, p in layer.named_parameters():
+        assert grads[name].shape == (0, *p.shape)
+        assert norms[name].shape == (0,)
+        assert torch.equal(sums[name], torch.zeros_like(p))
+
+
+def test_empty_batch_embedding() -> None:
+    layer = nn.Embedding(5, 3)
+    ids = torch.zeros(0, 4, dtype=torch.long)
+    g = torch.randn(0, 4, 3)
+    sampler = registered(layer)
+    assert sampler.per_sample_grads(layer, (ids,), g)["weight"].shape == (0, 5, 3)
+    assert sampler.per_sample_sq_norms(layer, (ids,), g)["weight"].shape == (0,)
+    assert not sampler.clipped_sums(layer, (ids,), g, {"weight": torch.ones(0)})["weight"].any()

@@ -31,5 +31,7 @@ def test_mixed_model_matches_microbatches(mode: str) -> None:
     grads, norms, gs = sampler_grads(mode, model, x, y, loss_fn)
     for name, expected in ref.items():
         torch.testing.assert_close(grads[name], expected, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(norms[name], expected.flatten(1).pow(2).sum(1), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            norms[name], expected.flatten(1).pow(2).sum(1), atol=1e-5, rtol=1e-4
+        )
     gs.detach()

@@ -76,7 +76,7 @@ def per_sample_grads_of_call(
                 local[i] = x.unsqueeze(in_dims[i])
             args, kwargs = pytree.tree_unflatten(local, spec)
             # forward() rather than __call__: no module hooks (e.g. the DP optimizer's flush)
-            with _reparametrize_module(layer, q):
+            with _reparametrize_module(layer, q, tie_weights=True):
                 out = layer.forward(*args, **kwargs)
             tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
             return tuple(tensors[i] for i in differentiable)

@@ -38,7 +38,8 @@ def unfold_patches(layer: nn.Module, x: Tensor) -> Tensor:
     # [B, C, L1..Ln, k1..kn] -> [B, C, k1..kn, L1..Ln]
     order = [0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial)]
     x = x.permute(order)
-    return x.reshape(x.shape[0], -1, math.prod(x.shape[-spatial:]))
+    width = math.prod(x.shape[1 : 2 + spatial])  # C_in * prod(k), explicit for empty batches
+    return x.reshape(x.shape[0], width, math.prod(x.shape[-spatial:]))
 
 
 class ConvGradSampler(MaterializingLayerGradSampler):
@@ -62,8 +63,9 @@ class ConvGradSampler(MaterializingLayerGradSampler):
         x, g = x.to(dtype), g.to(dtype)
         batch, groups = g.shape[0], layer.groups
         a = unfold_patches(layer, x)
-        a = a.reshape(batch, groups, -1, a.shape[-1])  # [B, G, d, L]
-        g = g.reshape(batch, groups, -1, a.shape[-1])  # [B, G, C_out/G, L]
+        positions = a.shape[-1]
+        a = a.reshape(batch, groups, a.shape[1] // groups, positions)  # [B, G, d, L]
+        g = g.reshape(batch, groups, g.shape[1] // groups, positions)  # [B, G, C_out/G, L]
         return a, g
 
     def per_sample_grads(

@@ -8,6 +8,7 @@ equal ``(b, id)`` and add up their squared norms, ``O(B·T·D)`` whatever ``V``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -102,7 +103,7 @@ class EmbeddingGradSampler(_ScatterGradSampler):
         batch = grad_output.shape[0]
         dim = grad_output.shape[-1]
         # reshape (not view): ids may be an expanded, non-contiguous broadcast tensor
-        flat_ids = ids.reshape(batch, -1)
+        flat_ids = ids.reshape(batch, ids[0].numel() if batch else math.prod(ids.shape[1:]))
         sample = torch.arange(batch, device=ids.device).repeat_interleave(flat_ids.shape[1])
         e = Entries(batch, sample, flat_ids.reshape(-1), grad_output.reshape(-1, dim))
         e = _drop_padding(e, layer.padding_idx)

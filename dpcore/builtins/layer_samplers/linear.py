@@ -7,6 +7,7 @@ gradient is ``Σ_t g_it a_itᵀ`` and its bias gradient ``Σ_t g_it``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -31,7 +32,8 @@ def _as_sequence(inputs: Sequence[Tensor], grad_output: Tensor) -> tuple[Tensor,
     dtype = torch.promote_types(a.dtype, g.dtype)
     a, g = a.to(dtype), g.to(dtype)
     batch = g.shape[0]
-    return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+    positions = math.prod(g.shape[1:-1])  # explicit: -1 is ambiguous for an empty batch
+    return a.reshape(batch, positions, a.shape[-1]), g.reshape(batch, positions, g.shape[-1])
 
 
 class LinearGradSampler(MaterializingLayerGradSampler):

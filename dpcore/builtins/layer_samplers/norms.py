@@ -87,6 +87,12 @@ class InstanceNormGradSampler(MaterializingLayerGradSampler):
     ) -> dict[str, Tensor]:
         x, g = inputs[0], grad_output
         out: dict[str, Tensor] = {}
+        if g.shape[0] == 0:  # F.instance_norm rejects an empty batch
+            return {
+                n: p.new_zeros((0, *p.shape))
+                for n, p in layer.named_parameters()
+                if p.requires_grad
+            }
         if wants_grad(layer, "weight"):
             use_input_stats = layer.training or not layer.track_running_stats
             with torch.no_grad():
