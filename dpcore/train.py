@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -281,11 +282,21 @@ def load_config(
 # ----------------------------------------------------------------------------------------
 # Building the pieces (all before the first step, so errors come early)
 # ----------------------------------------------------------------------------------------
-def _call(what: str, fn: Callable[..., Any], options: Mapping[str, Any]) -> Any:
+def _call(
+    what: str, fn: Callable[..., Any], options: Mapping[str, Any], *args: Any, **fixed: Any
+) -> Any:
+    """``fn(*args, **fixed, **options)``; options that do not fit ``fn``'s signature are a
+    config error naming ``what`` (errors raised inside ``fn`` are left alone)."""
     try:
-        return fn(**options)
-    except TypeError as exc:
-        raise ConfigError(f"{what}: {exc}") from None
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no introspectable signature: just call it
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(*args, **fixed, **options)
+        except TypeError as exc:
+            raise ConfigError(f"{what}: {exc} (options given: {sorted(options)})") from None
+    return fn(*args, **fixed, **options)
 
 
 def build_model(settings: TrainSettings) -> nn.Module:
@@ -333,11 +344,7 @@ def build_optimizer(settings: TrainSettings, model: nn.Module) -> torch.optim.Op
     name = BUILTIN_OPTIMIZERS.get(settings.optimizer.lower())
     cls = getattr(torch.optim, name) if name else resolve_import(settings.optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    return _call(
-        "train.optimizer_options",
-        lambda **kw: cls(params, lr=settings.lr, **kw),
-        settings.optimizer_options,
-    )
+    return _call("train.optimizer_options", cls, settings.optimizer_options, params, lr=settings.lr)
 
 
 def _device(settings: TrainSettings) -> torch.device:
