@@ -764,7 +764,15 @@ def _checkpoint_to_resume(resume: str | os.PathLike[str] | None, run_dir: Path) 
     if resume is None:
         return None
     if str(resume) == "auto":
-        return newest_valid_checkpoint(run_dir)
+        found = newest_valid_checkpoint(run_dir)
+        if found is None and list_checkpoints(run_dir):
+            # Starting over would silently drop the privacy already spent on this run.
+            raise CheckpointError(
+                f"no checkpoint in {str(run_dir / CHECKPOINT_DIR)!r} can be read (see the "
+                "warnings above); resume from a copy with --resume PATH, or start a new run "
+                "with another --run-dir"
+            )
+        return found
     path = Path(resume)
     if not path.is_file():
         raise CheckpointError(f"--resume: checkpoint {str(path)!r} does not exist")

@@ -160,6 +160,10 @@ def test_resume_auto_skips_a_corrupted_checkpoint(config_file, tmp_path, referen
         # no config: the run directory's recorded config.json is used
         result = train(None, resume="auto", run_dir=run_dir, **_quiet())
     assert result.engine.config.noise_multiplier == 0.8
+    for path in list_checkpoints(run_dir):  # all unreadable: refuse to start over
+        path.write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no checkpoint"):
+        train(None, resume="auto", run_dir=run_dir, **_quiet())
     assert result.stopped == "completed" and _same_model(run_dir, ref_model)
 
 
