@@ -24,7 +24,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,14 @@ def is_main_process() -> bool:
 # ----------------------------------------------------------------------------------------
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj)`` to ``path`` so that readers see the old file or the new one,
-    never a partial one (temp file in the same directory, fsync, rename, fsync dir)."""
+    never a partial one (temp file in the same directory, fsync, rename, fsync dir).
+
+    ``obj`` must be plain data: if it holds anything else, the written file is read back
+    with ``weights_only=True`` before it replaces ``path``, and refused if that fails, so
+    a checkpoint that could not be loaded safely is never written.
+    """
     target = Path(path)
+    unusual = list(_non_plain(obj))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
@@ -73,6 +79,16 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if unusual:
+            try:
+                torch.load(tmp, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                raise CheckpointError(
+                    f"not writing {str(target)!r}: it would not load with weights_only=True "
+                    f"because {', '.join(unusual[:3])} {'is' if len(unusual) == 1 else 'are'} "
+                    "not plain data. Store numbers, strings, lists, dicts and tensors only "
+                    "(e.g. a state_dict() instead of the object)."
+                ) from None
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -80,6 +96,24 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         raise
     _fsync_dir(target.parent)
     return target
+
+
+_PLAIN_LEAVES = (
+    type(None), bool, int, float, complex, str, bytes,
+    torch.Tensor, torch.Size, torch.dtype, torch.device,
+)  # fmt: skip
+
+
+def _non_plain(obj: Any, where: str = "") -> Iterator[str]:
+    """Where ``obj`` holds something other than plain data (e.g. ``['extra']['x'] (Foo)``)."""
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _non_plain(value, f"{where}[{key!r}]")
+    elif isinstance(obj, list | tuple | set | frozenset):
+        for i, value in enumerate(obj):
+            yield from _non_plain(value, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN_LEAVES):
+        yield f"{where or 'the object'} ({type(obj).__qualname__})"
 
 
 def _umask() -> int:

@@ -149,3 +149,14 @@ atomic_save({{"v": torch.zeros(3)}}, {str(path)!r})
     assert torch.equal(safe_load(path)["v"], torch.ones(3))
     leftovers = [p for p in os.listdir(tmp_path) if p != "c.pt"]
     assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")
+
+
+def test_non_plain_data_is_not_written(tmp_path):
+    import datetime
+
+    path = tmp_path / "c.pt"
+    atomic_save({"v": 1}, path)
+    with pytest.raises(CheckpointError, match=r"\['extra'\]\['when'\] \(datetime\)"):
+        atomic_save({"v": 2, "extra": {"when": datetime.datetime.now()}}, path)
+    assert safe_load(path) == {"v": 1}
+    assert os.listdir(tmp_path) == ["c.pt"]
