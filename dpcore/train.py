@@ -652,6 +652,12 @@ def train(
         _print_header(
             console, cfg, engine, run_path, resumed_from, total_epochs, step_limit, budget
         )
+    if resumed_from is not None:
+        # epochs after this step may be logged again; the later record is the one that counts
+        _append_metrics(
+            run_path,
+            {"event": "resumed", "step": int(engine.steps), "checkpoint": str(resumed_from)},
+        )
 
     stop = stop or StopRequest()
     started = time.monotonic()
