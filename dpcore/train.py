@@ -876,18 +876,19 @@ def _run_epoch(
                 disable=not (show_progress and is_main_process()),
             )
         )
+        # Steps left in this epoch (fewer than len(loader) when resuming inside it).
+        planned = len(loader) - int(_loader_position(loader))
+        taken = 0
         visible = show_progress and is_main_process()
         eps = _safe_epsilon(engine, cfg.engine.delta) if visible else None
         task = bar.add_task(
             "train",
             total=len(loader),
+            completed=len(loader) - planned,
             epoch=f"{epoch + 1}/{total_epochs}",
             loss="-",
             eps=f"{eps:.3f}" if eps is not None else "-",
         )
-        # Steps left in this epoch (fewer than len(loader) when resuming inside it).
-        planned = len(loader) - int(_loader_position(loader))
-        taken = 0
         at_boundary, done = True, True
         batch_iter = iter(batches)
         while True:
