@@ -155,3 +155,17 @@ def test_monotone_in_steps_sigma_and_q(sigma, q, steps, factor):
     assert _eps(sigma, q, math.ceil(steps * factor)) >= base
     assert _eps(sigma * factor, q, steps) <= base
     assert _eps(sigma, q / factor, steps) <= base
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 3.0])
+@pytest.mark.parametrize("q", [1e-4, 0.01, 0.3, 0.9])
+@pytest.mark.parametrize("alpha", [1.1, 2.5, 7.9])
+def test_accelerated_series_equals_the_plain_sum(sigma, q, alpha):
+    from dpcore.builtins.accountants.rdp import (
+        _log_a_fractional_accelerated,
+        _log_a_fractional_direct,
+    )
+
+    fast = _log_a_fractional_accelerated(q, sigma, alpha)
+    assert fast is not None
+    assert fast == pytest.approx(_log_a_fractional_direct(q, sigma, alpha), rel=1e-12, abs=1e-15)
