@@ -258,3 +258,24 @@ def test_print_default_config_is_the_default(tmp_path):
     printed = TrainConfig.from_dict(tomllib.loads(res.output))
     default = TrainConfig.default()
     assert (printed.engine, printed.train) == (default.engine, default.train)
+
+
+def test_budget_counts_only_accounted_steps_with_correlated_noise(tmp_path):
+    """With BandMF over cyclic Poisson (one event every 2 steps) the run stops right
+    before the step that would add an event beyond the budget."""
+    import tomllib
+
+    from dpcore.registry import get_registry
+
+    cfg = tomllib.loads(w.TRAIN_TOML)
+    cfg.update(noise={"name": "bandmf", "bands": 2}, sampler={"name": "cyclic_poisson"})
+    cfg["train"]["epsilon_budget"] = 5.0
+    result = train(cfg, run_dir=tmp_path / "run", **_quiet())
+    assert result.stopped == "budget" and result.epsilon <= 5.0
+    assert result.steps % 2 == 0  # the next step would be accounted
+    history = result.engine.accountant.history
+    ((sigma, q, events),) = history
+    assert events == result.steps // 2
+    one_more = get_registry().create("accountant", "rdp")
+    one_more.step(noise_multiplier=sigma, sample_rate=q, steps=events + 1)
+    assert one_more.get_epsilon(1e-5) > 5.0
