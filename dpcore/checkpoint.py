@@ -353,7 +353,9 @@ def load_checkpoint(
     """Restore a checkpoint into ``module`` (wrapped or not), ``optimizer`` (DP or the
     plain one, before ``make_private``), the engine and the scheduler.
 
-    Returns the ``extra`` data saved with it.
+    Returns the ``extra`` data saved with it. ``restore_rng`` also restores torch's
+    global random state (dropout masks and other module-level randomness), which an
+    exact resume needs; pass False to keep the current one.
 
     Raises :class:`~dpcore.errors.CheckpointError` if the file is unreadable or unsafe,
     or if its privacy configuration differs from the engine's and
