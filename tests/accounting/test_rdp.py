@@ -169,3 +169,23 @@ def test_accelerated_series_equals_the_plain_sum(sigma, q, alpha):
     fast = _log_a_fractional_accelerated(q, sigma, alpha)
     assert fast is not None
     assert fast == pytest.approx(_log_a_fractional_direct(q, sigma, alpha), rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    "sigma, q, alpha",
+    [(10.0, 1e-4, 2), (10.0, 1e-4, 1.5), (10.0, 1e-4, 7.3), (50.0, 0.3, 3.5), (30.0, 0.7, 2.5)],
+)
+def test_tiny_divergences_keep_full_relative_precision(sigma, q, alpha):
+    # Reference: the defining integral in 40-digit arithmetic (mpmath).
+    import mpmath as mp
+
+    mp.mp.dps = 40
+    s, qq, a = mp.mpf(sigma), mp.mpf(q), mp.mpf(alpha)
+
+    def integrand(z):
+        ratio = 1 - qq + qq * mp.exp((2 * z - 1) / (2 * s**2))
+        return mp.npdf(z, 0, s) * ratio**a
+
+    value = mp.quad(integrand, [-mp.inf, -5 * s, 0, 5 * s, mp.inf])
+    expected = float(mp.log(value) / (a - 1))
+    assert rdp_subsampled_gaussian(sigma, q, alpha) == pytest.approx(expected, rel=1e-9)

@@ -72,11 +72,25 @@ def _log_binom(alpha: float, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return log_abs, sign
 
 
+def _log_abs_expm1(x: np.ndarray) -> np.ndarray:
+    """log|e^x - 1| without overflow or cancellation."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        big = x > 30
+        positive = np.log(np.expm1(np.where(big, 1.0, x)))
+        positive = np.where(big, x + np.log1p(-np.exp(-np.where(big, x, 0.0))), positive)
+        negative = np.log(-np.expm1(np.minimum(x, 0.0)))
+    return np.where(x > 0, positive, negative)
+
+
 def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
-    k = np.arange(alpha + 1, dtype=np.float64)
+    # The binomial weights C(a, k) (1 - q)^(a - k) q^k sum to one and the k = 0, 1 terms
+    # have exp(0) = 1, so A - 1 is a sum of positive terms: computing it directly keeps
+    # full relative precision even when the divergence is tiny (small q, large sigma).
+    k = np.arange(2, alpha + 1, dtype=np.float64)
     log_c, _ = _log_binom(float(alpha), k)
-    terms = log_c + k * math.log(q) + (alpha - k) * math.log1p(-q) + (k * k - k) / (2 * sigma**2)
-    return float(logsumexp(terms))
+    log_excess = log_c + k * math.log(q) + (alpha - k) * math.log1p(-q)
+    log_excess = log_excess + _log_abs_expm1((k * k - k) / (2 * sigma**2))
+    return float(np.logaddexp(0.0, logsumexp(log_excess)))
 
 
 def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
@@ -88,16 +102,33 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
 
 def _series_terms(
     q: float, sigma: float, alpha: float, k: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """log|term| of the two half-line series at indices k, and their common sign."""
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], bool]:
+    """(log|term|, sign) of the below-z0 and above-z0 series at indices k, and whether
+    they sum to A - 1 (else to A).
+
+    For q < 1/2 the binomial weights C(alpha, k) (1 - q)^(alpha - k) q^k of the
+    below-z0 series sum to one, so subtracting them term by term (expm1) yields A - 1
+    with no large cancelling terms: full relative precision for tiny divergences.
+    """
     s2 = sigma**2
     log_q, log_1mq = math.log(q), math.log1p(-q)
     z0 = s2 * (log_1mq - log_q) + 0.5
     j = alpha - k
     log_c, sign = _log_binom(alpha, k)
-    below = log_c + j * log_1mq + k * log_q + (k * k - k) / (2 * s2) + log_ndtr((z0 - k) / sigma)
-    above = log_c + k * log_1mq + j * log_q + (j * j - j) / (2 * s2) + log_ndtr((j - z0) / sigma)
-    return below, above, sign
+    log_weight = log_c + j * log_1mq + k * log_q
+    moment = (k * k - k) / (2 * s2) + log_ndtr((z0 - k) / sigma)  # log of e^c_k Phi(.)
+    minus_one = q < 0.5
+    if minus_one:
+        below = (log_weight + _log_abs_expm1(moment), sign * np.sign(moment))
+    else:
+        below = (log_weight + moment, sign)
+    above_log = log_c + k * log_1mq + j * log_q + (j * j - j) / (2 * s2)
+    above = (above_log + log_ndtr((j - z0) / sigma), sign)
+    return below, above, minus_one
+
+
+def _finish(log_sum: float, minus_one: bool) -> float:
+    return float(np.logaddexp(0.0, log_sum)) if minus_one else log_sum
 
 
 def _log_a_fractional_accelerated(q: float, sigma: float, alpha: float) -> float | None:
@@ -110,11 +141,14 @@ def _log_a_fractional_accelerated(q: float, sigma: float, alpha: float) -> float
     """
     z0 = sigma**2 * (math.log1p(-q) - math.log(q)) + 0.5
     count = math.ceil(max(alpha, z0) + 10 * sigma) + 128
-    below, above, sign = _series_terms(q, sigma, alpha, np.arange(count, dtype=np.float64))
-    magnitude = np.logaddexp(below, above)  # both halves of term k share its sign
-    ref = float(magnitude.max())
-    partial = np.cumsum(sign * np.exp(magnitude - ref))
-    if math.exp(magnitude[-1] - ref) < 1e-17 * abs(partial[-1]):
+    k = np.arange(count, dtype=np.float64)
+    (log_b, sign_b), (log_a, sign_a), minus_one = _series_terms(q, sigma, alpha, k)
+    ref = float(max(log_b.max(), log_a.max()))
+    if not math.isfinite(ref):
+        return None
+    values = sign_b * np.exp(log_b - ref) + sign_a * np.exp(log_a - ref)
+    partial = np.cumsum(values)
+    if abs(values[-1]) < 1e-17 * abs(partial[-1]):
         total = float(partial[-1])
     else:
         sums, total = partial[-64:], float("nan")
@@ -127,27 +161,20 @@ def _log_a_fractional_accelerated(q: float, sigma: float, alpha: float) -> float
             previous = float(sums[-1])
     if not total > 0:
         return None
-    return ref + math.log(total)
+    return _finish(ref + math.log(total), minus_one)
 
 
 def _log_a_fractional_direct(q: float, sigma: float, alpha: float) -> float:
-    s2 = sigma**2
-    log_q, log_1mq = math.log(q), math.log1p(-q)
-    z0 = s2 * (log_1mq - log_q) + 0.5
+    """The plain sum, in growing chunks until the terms are negligible (a fallback)."""
+    z0 = sigma**2 * (math.log1p(-q) - math.log(q)) + 0.5
     log_pos = log_neg = -math.inf  # running log-sums of the positive and negative terms
     k0, chunk = 0, _CHUNK
+    minus_one = False
     while True:
         k = np.arange(k0, k0 + chunk, dtype=np.float64)
-        j = alpha - k
-        log_c, sign = _log_binom(alpha, k)
-        below = (
-            log_c + j * log_1mq + k * log_q + (k * k - k) / (2 * s2) + log_ndtr((z0 - k) / sigma)
-        )
-        above = (
-            log_c + k * log_1mq + j * log_q + (j * j - j) / (2 * s2) + log_ndtr((j - z0) / sigma)
-        )
-        terms = np.concatenate([below, above])
-        signs = np.concatenate([sign, sign])
+        (log_b, sign_b), (log_a, sign_a), minus_one = _series_terms(q, sigma, alpha, k)
+        terms = np.concatenate([log_b, log_a])
+        signs = np.concatenate([sign_b, sign_a])
         pos, neg = terms[signs > 0], terms[signs < 0]
         if pos.size:
             log_pos = float(np.logaddexp(log_pos, logsumexp(pos)))
@@ -155,10 +182,10 @@ def _log_a_fractional_direct(q: float, sigma: float, alpha: float) -> float:
             log_neg = float(np.logaddexp(log_neg, logsumexp(neg)))
         k0 += chunk
         chunk = min(2 * chunk, 1 << 18)  # slow (polynomial) tails: grow the chunks
-        # Past k > alpha the terms alternate and shrink (like k^-(alpha + 2)), so the
-        # error of stopping is at most the size of the last term.
-        last = max(below[-1], above[-1])
-        if k0 > alpha + 1 and last < log_pos - _NEGLIGIBLE:
+        # Past k > alpha (and z0) the terms alternate and shrink, so the error of
+        # stopping is at most the size of the last term.
+        last = max(log_b[-1], log_a[-1])
+        if k0 > max(alpha, z0) + 1 and last < log_pos - _NEGLIGIBLE:
             break
         if k0 >= _MAX_TERMS:
             raise AccountingError(
@@ -169,7 +196,7 @@ def _log_a_fractional_direct(q: float, sigma: float, alpha: float) -> float:
         raise AccountingError(
             f"the RDP series for order {alpha} lost all precision (q={q}, sigma={sigma})"
         )
-    return log_pos + math.log1p(-math.exp(log_neg - log_pos))
+    return _finish(log_pos + math.log1p(-math.exp(log_neg - log_pos)), minus_one)
 
 
 def rdp_subsampled_gaussian(sigma: float, q: float, alpha: float) -> float:
