@@ -14,6 +14,7 @@ The core never imports the built-in accountants; it reaches them by name through
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ __all__ = [
 # Input checks (one wording everywhere: accountants, engine, CLI)
 # ----------------------------------------------------------------------------------------
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def check_sample_rate(sample_rate: Any) -> float:
@@ -71,9 +72,9 @@ def check_delta(delta: Any) -> float:
 
 
 def check_steps(steps: Any) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise AccountingError(f"steps must be a non-negative integer, got {steps!r}")
-    return steps
+    return int(steps)
 
 
 def steps_for_epochs(epochs: float, sample_rate: float) -> int:

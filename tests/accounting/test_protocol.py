@@ -75,3 +75,13 @@ def test_state_is_plain_data_and_resume_is_exact(name):
 def test_bad_options_name_the_field(name, options):
     with pytest.raises(ConfigError, match=f"accountant {name!r}"):
         create_accountant(name, **options)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_numpy_scalars_are_plain_numbers_in_the_history(name):
+    import numpy as np
+
+    acc = create_accountant(name)
+    acc.step(noise_multiplier=np.float32(1.5), sample_rate=np.float64(0.01), steps=np.int64(3))
+    assert acc.history == [(1.5, 0.01, 3)]
+    assert all(type(x) in (float, int) for x in acc.history[0])

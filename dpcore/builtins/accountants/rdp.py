@@ -26,7 +26,14 @@ integral_{-inf}^{z0} mu0(z) exp(k (2z - 1) / (2 sigma^2)) dz
     with j = alpha - k.
 
 Everything is summed in log space (signed logsumexp: C(alpha, k) alternates in sign
-for k > alpha) in float64 with scipy's special functions.
+for k > alpha) in float64 with scipy's special functions. Two refinements:
+
+* A - 1 rather than A: the binomial weights sum to one (for q < 1/2 in the series), so
+  subtracting them term by term (expm1) keeps full relative precision when the
+  divergence is tiny (small q, large sigma), where log(A) would lose it all.
+* Past max(alpha, z0) the series alternates with smooth, slowly (polynomially)
+  decaying terms; its tail is summed by repeated averaging of partial sums (Euler's
+  transform), a few hundred terms instead of ~1e5. The plain sum is the fallback.
 
 RDP converts to (epsilon, delta) with the bound of Balle et al. (2020, Thm. 21) /
 Canonne, Kamath and Steinke (2020): for every order alpha > 1,
