@@ -484,7 +484,8 @@ class PrivacyEngine:
             # Clip the previous backward pass now, so accumulation never keeps more than
             # one batch of activations; then note whether this pass is an empty batch.
             dp_optimizer.flush()
-            dp_optimizer.empty_forward = _is_empty_batch(args, kwargs, batch_first)
+            if torch.is_grad_enabled():  # a no-grad pass (evaluation) has no backward
+                dp_optimizer.empty_forward = _is_empty_batch(args, kwargs, batch_first)
 
         self._handles.append(inner.register_forward_pre_hook(before_forward, with_kwargs=True))
 
