@@ -173,6 +173,8 @@ class ActivationCapture:
             module.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
         )
         for _, layer in self.layers:
+            if layer is not module:
+                self._handles.append(layer.register_forward_pre_hook(self._expand_broadcast))
             self._handles.append(layer.register_forward_hook(self._forward_hook, with_kwargs=True))
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -247,6 +249,34 @@ class ActivationCapture:
         # called twice per step) keeps adding calls.
         if cur is None or cur.batch_size != batch_size:
             self._current = CapturedBatch(batch_size)
+
+    def _expand_broadcast(self, layer: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """An input shared by the whole batch (position ids of shape ``[1, T]`` or ``[T]``
+        in Hugging Face models) gets one row per sample, so that each sample receives its
+        own output gradient: the layer's per-sample gradients are then exact instead of
+        summed over the batch. The values the model computes are unchanged."""
+        cur = self._current
+        if self._paused or not torch.is_grad_enabled() or cur is None or cur.batch_size <= 1:
+            return None
+        dim, batch = self.batch_dim_of(layer), cur.batch_size
+        changed, out = False, []
+        for x in args:
+            # (sequence-first: a 2-D input is [B, features], its dim 1 is no batch)
+            if isinstance(x, Tensor) and x.dim() > max(dim, 2 * dim) and x.shape[dim] == 1:
+                x = x.expand(*x.shape[:dim], batch, *x.shape[dim + 1 :])
+                changed = True
+            elif (
+                isinstance(x, Tensor)
+                and dim == 0
+                and isinstance(layer, nn.Embedding)
+                and x.dim() == 1
+                and x.shape[0] != batch
+                and not x.is_floating_point()
+            ):
+                x = x.unsqueeze(0).expand(batch, x.shape[0])  # 1-D ids shared by the batch
+                changed = True
+            out.append(x)
+        return tuple(out) if changed else None
 
     def _forward_hook(self, layer: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self._paused or not torch.is_grad_enabled():
