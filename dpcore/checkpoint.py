@@ -200,13 +200,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 def unwrap_module(module: nn.Module) -> nn.Module:
     """The user's own module inside dpcore/DDP wrappers (parameters named as the user
     named them)."""
+    from .distributed import DPDDP
+
     for _ in range(16):  # PrivateModule(DPDDP(model)) and the like
         inner = getattr(module, "_module", None)
-        if not isinstance(inner, nn.Module) and (
-            isinstance(module, nn.parallel.DistributedDataParallel)
-            or type(module).__name__ == "DPDDP"
+        if not isinstance(inner, nn.Module) and isinstance(
+            module, nn.parallel.DistributedDataParallel | DPDDP
         ):
-            inner = getattr(module, "module", None)
+            inner = module.module
         if not isinstance(inner, nn.Module):
             break
         module = inner
@@ -225,7 +226,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 def _global_rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
