@@ -272,8 +272,11 @@ def check_per_sample_gradients(
     registry = get_registry()
     info = registry.get("grad_sampler", grad_sample_mode)
     opts = dict(options or {})
-    if info.options is not None and "store_grad_sample" in info.options.model_fields:
+    fields = info.options.model_fields if info.options is not None else {}
+    if "store_grad_sample" in fields:
         opts.setdefault("store_grad_sample", True)
+    if "check_sums" in fields:  # compare everything here instead, parameter by parameter
+        opts.setdefault("check_sums", False)
     model = _prepare(module)
     sampler = registry.create("grad_sampler", grad_sample_mode, opts)
 

@@ -417,3 +417,31 @@ def test_functional_reuse_of_a_parameter_outside_its_layer() -> None:
 
     torch.manual_seed(12)
     run_and_compare("functorch", Direct(), torch.randn(4, 3), torch.randn(4, 3), sq_loss())
+
+
+def test_hooks_refuse_a_parameter_used_outside_its_layer() -> None:
+    """hooks cannot see `F.linear(..., self.lin.weight)` in the parent: the sum check says so
+    instead of returning per-sample gradients that miss that use."""
+
+    class Direct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.linear(self.lin(x), self.lin.weight)
+
+    with pytest.raises(GradSampleError, match=r"lin\.weight.*outside the layer"):
+        sampler_grads("hooks", Direct(), torch.randn(4, 3), torch.randn(4, 3), sq_loss())
+
+
+def test_hooks_refuse_a_loss_term_without_per_sample_form() -> None:
+    model = nn.Linear(3, 2)
+    gs = dpcore.get_registry().create("grad_sampler", "hooks")
+    gs.attach(model)
+    loss = sq_loss()(model(torch.randn(4, 3)), torch.randn(4, 2)) + model.weight.pow(2).sum()
+    loss.backward()
+    with pytest.raises(GradSampleError, match="weight_decay"):
+        gs.per_sample_sq_norms()
+    assert not gs.has_pending()
+    gs.detach()

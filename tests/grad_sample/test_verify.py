@@ -278,3 +278,18 @@ def test_cli_usage_errors(user_dir: Path) -> None:
     assert result.exit_code == 2 and "(model, inputs, targets, loss_fn)" in result.output
     result = run(f"{user_dir / 'user_models.py'}:good", "-m", "hoks")
     assert result.exit_code == 2 and "hooks" in result.output  # did you mean
+
+
+def test_parameter_used_outside_its_layer_is_a_mismatch_for_hooks_only() -> None:
+    class Direct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.nn.functional.linear(self.lin(x), self.lin.weight)
+
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    report = check_per_sample_gradients(Direct(), x, y, nn.MSELoss(), "hooks")
+    assert report.mismatched_parameters == ["lin.weight"]
+    assert check_per_sample_gradients(Direct(), x, y, nn.MSELoss(), "functorch").ok

@@ -19,12 +19,12 @@ from ._base import MaterializingOptions
 def dpcore_register_grad_samplers(register: Register) -> None:
     from .ew import ew_factory
     from .functorch import functorch_factory
-    from .hooks import hooks_factory
+    from .hooks import HooksOptions, hooks_factory
 
     register(
         "hooks",
         hooks_factory,
-        options=MaterializingOptions,
+        options=HooksOptions,
         description="forward/backward hooks + per-layer samplers; torch.func for other layers",
     )
     register(

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from dpcore.capture import (
@@ -22,6 +24,7 @@ from dpcore.capture import (
     LossReduction,
     trainable_layers,
 )
+from dpcore.errors import GradSampleError
 from dpcore.registry import get_registry
 
 from ._base import MaterializingGradSampler, MaterializingOptions
@@ -59,13 +62,107 @@ def positional_inputs(layer: nn.Module, call: LayerCall) -> tuple[Any, ...]:
     return moved.batched_args()
 
 
+class HooksOptions(MaterializingOptions):
+    """Options of ``hooks``."""
+
+    check_sums: bool = Field(
+        default=True,
+        description="check at every flush that each parameter's per-sample gradients add up "
+        "to the gradient autograd computed for it; catches parameters used outside the layer "
+        "that owns them and loss terms without a per-sample form (costs one gradient copy)",
+    )
+
+
 class HooksGradSampler(MaterializingGradSampler):
-    """Layer-by-layer per-sample gradients from the registered layer grad samplers."""
+    """Layer-by-layer per-sample gradients from the registered layer grad samplers.
+
+    Hooks only see what happens inside the layers that own the parameters. A
+    parameter also used elsewhere (``F.linear(x, self.emb.weight)`` in a parent's
+    forward, a regulariser added to the loss) would get per-sample gradients that
+    miss that use. With ``check_sums`` (default) every flush compares the sum of the
+    per-sample gradients with the gradient autograd computed for the parameter in
+    the same backward passes, and raises :class:`GradSampleError` on a difference.
+    """
+
+    def __init__(self, *, store_grad_sample: bool = False, check_sums: bool = True) -> None:
+        super().__init__(store_grad_sample=store_grad_sample)
+        self.check_sums = check_sums
+        self._autograd_sums: dict[str, Tensor] = {}
+        self._sums_known = True
+        self._param_handles: list[Any] = []
 
     def attach(self, module: nn.Module, **kwargs: Any) -> None:
         super().attach(module, **kwargs)
         assert self.capture is not None
         self._names = {id(p): n for n, p in self._params.items()}
+        if self.check_sums:
+            self._param_handles = [
+                p.register_hook(self._param_hook(name)) for name, p in self._params.items()
+            ]
+
+    def detach(self) -> None:
+        for handle in self._param_handles:
+            handle.remove()
+        self._param_handles = []
+        super().detach()
+
+    def clear(self) -> None:
+        super().clear()
+        self._autograd_sums = {}
+        self._sums_known = True
+
+    def _param_hook(self, name: str) -> Any:
+        def hook(grad: Tensor) -> None:
+            current = self.capture._current if self.capture is not None else None
+            if current is None or current.batch_size == 0:
+                self._sums_known = False  # nothing to compare with (e.g. an empty batch)
+                return
+            scale = current.batch_size if self.loss_reduction == "mean" else 1
+            prev = self._autograd_sums.get(name)
+            g = grad.detach() * scale
+            self._autograd_sums[name] = g if prev is None else prev + g
+
+        return hook
+
+    def per_sample_grads(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        fresh = self._grads is None
+        low_precision = (
+            fresh
+            and self.capture is not None
+            and any(
+                o.dtype in (torch.float16, torch.bfloat16)
+                for batch in self.capture.peek_pending()
+                for calls in batch.calls.values()
+                for call in calls
+                for o in call.outputs
+            )
+        )
+        grads = super().per_sample_grads()
+        if fresh and self.check_sums:
+            sums, known = self._autograd_sums, self._sums_known
+            self._autograd_sums, self._sums_known = {}, True
+            if known:
+                self._check_sums(grads, sums, 5e-2 if low_precision else 1e-3)
+        return grads
+
+    def _check_sums(self, grads: dict[str, Tensor], sums: dict[str, Tensor], rtol: float) -> None:
+        bad = []
+        for name, per_sample in grads.items():
+            got = per_sample.sum(0).double()
+            want = sums[name].double() if name in sums else torch.zeros_like(got)
+            scale = max(float(want.norm()), float(got.norm()))
+            if float((got - want).norm()) > rtol * scale + 1e-6:
+                bad.append(f"{name} (differs by {float((got - want).norm()):.3g} of {scale:.3g})")
+        if bad:
+            self.clear()
+            raise GradSampleError(
+                "the per-sample gradients of " + ", ".join(bad) + " do not add up to the "
+                "gradient autograd computed: the parameter is used outside the layer that owns it "
+                "(e.g. F.linear(x, self.layer.weight) in a parent's forward), or the loss has a "
+                "term without a per-sample form (e.g. a weight penalty added to the loss; use the "
+                "optimizer's weight_decay instead). Use grad_sample_mode='functorch' for such "
+                "models."
+            )
 
     def make_capture(
         self, module: nn.Module, *, batch_first: bool, loss_reduction: LossReduction
@@ -124,9 +221,9 @@ class HooksGradSampler(MaterializingGradSampler):
         return out
 
 
-def hooks_factory(*, store_grad_sample: bool = False) -> HooksGradSampler:
+def hooks_factory(*, store_grad_sample: bool = False, check_sums: bool = True) -> HooksGradSampler:
     """Forward/backward hooks + registered layer grad samplers (torch.func fallback)."""
-    return HooksGradSampler(store_grad_sample=store_grad_sample)
+    return HooksGradSampler(store_grad_sample=store_grad_sample, check_sums=check_sums)
 
 
-Options = MaterializingOptions
+Options = HooksOptions
