@@ -1,30 +1,36 @@
-"""Private DDP over NCCL on one GPU (world size 1): dpcore's distributed path end to end.
+"""Private DDP over NCCL: dpcore's distributed path end to end, checked.
 
-    python examples/ddp_nccl_single_gpu.py                 # makes its own 1-process group
+    python examples/ddp_nccl_single_gpu.py                 # one GPU: a 1-process group
     torchrun --nproc-per-node 1 examples/ddp_nccl_single_gpu.py
+    torchrun --nproc-per-node N examples/ddp_nccl_single_gpu.py   # N GPUs, same checks
 
-With one rank the NCCL collectives are identities, which is what makes the results
-checkable against single-process arithmetic; the code that runs is the multi-GPU one
-(DPDDP, the distributed DP optimizer step with its all-reduce, the shared sampler
-stream, the config check, NCCL staging of CPU tensors). Checks:
+On one GPU the NCCL collectives are identities, but the code that runs is the
+multi-GPU one (DPDDP, the distributed DP optimizer step with its all-reduce, the
+shared sampler stream, the config check, NCCL staging of CPU tensors). Checks:
 
 1. noise 0, clipping active: one step of a DPDDP model equals DP-SGD computed by hand
-   from per-sample gradients of micro-batches of size one, for each grad sampler;
+   from per-sample gradients of micro-batches of size one on the union of the ranks'
+   batches, for each grad sampler;
 2. noise on, zero gradients: the update is one noise addition at the global scale
-   (chi-square test of its variance), bit for bit the draw of a run without DPDDP;
+   (chi-square test of its variance), bit for bit the draw of a run without DPDDP
+   (noise added once, on rank 0, not once per rank);
 3. adaptive clipping (its count goes through NCCL from a CPU tensor) with a checkpoint:
-   3 steps, save, a fresh engine/model/optimizer loads it, 3 more steps == 6 straight.
+   3 steps, save (rank 0), a fresh engine/model/optimizer loads it, 3 more steps == 6
+   straight.
 
-Prints one line starting with PASS, or raises. Exits 0 with a SKIP line without a GPU.
+Rank 0 prints one line starting with PASS, or a rank raises. Without a GPU it prints
+a SKIP line and exits 0.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import socket
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpcore
-from dpcore.distributed import process_group_from_env
+from dpcore.distributed import broadcast_object, process_group_from_env
 
 N, D_IN, HIDDEN, CLASSES, BATCH = 512, 32, 64, 4, 64  # q = 1/8, expected global batch 64
 
@@ -77,12 +83,17 @@ def check_noiseless_step_equals_by_hand(device: torch.device) -> float:
             net, noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode=mode, lr=lr
         )
         assert optimizer.distributed, "a DPDDP model must get the distributed DP optimizer"
-        x, y = next(iter(loader))
+        x, y = next(iter(loader))  # this rank's part of the global batch
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
         nn.functional.cross_entropy(wrapped(x), y).backward()
         optimizer.step()
-        # by hand: per-sample gradients, flat clipping, sum, / expected batch, SGD
+        # by hand on the union of the ranks' batches: per-sample gradients, flat
+        # clipping, sum, / expected global batch, SGD
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (x.cpu(), y.cpu()))
+        x = torch.cat([part[0] for part in parts]).to(device)
+        y = torch.cat([part[1] for part in parts]).to(device)
         total = [torch.zeros_like(p) for p in reference.parameters()]
         for i in range(len(x)):
             reference.zero_grad()
@@ -116,7 +127,10 @@ def check_noise_once(device: torch.device) -> float:
         optimizer.step()
         return torch.cat([p.grad.reshape(-1) for p in net.parameters()])
 
-    distributed, plain = noise_of(True), noise_of(False)
+    distributed = noise_of(True)
+    with warnings.catch_warnings():  # several ranks, no DPDDP: each its own run (warned)
+        warnings.simplefilter("ignore")
+        plain = noise_of(False)
     assert torch.equal(distributed, plain), "the NCCL step's noise is not the single-process draw"
     scale = sigma * clip / BATCH  # one addition of N(0, (σC)²) to the sum, / q N
     statistic = float((distributed.double() / scale).pow(2).sum())
@@ -153,6 +167,7 @@ def check_adaptive_checkpoint_resume(device: torch.device, workdir: Path) -> flo
                     engine.save_checkpoint(
                         path=ckpt, module=wrapped, optimizer=optimizer, data_loader=loader
                     )
+                    dist.barrier()  # rank 0 has written it before anyone reads it
                     return net
                 if engine.steps >= steps:
                     break
@@ -182,12 +197,18 @@ def main() -> int:
     if "RANK" not in os.environ:  # not under torchrun: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))  # fmt: skip
-    with process_group_from_env("nccl"), tempfile.TemporaryDirectory() as tmp:
+    with process_group_from_env("nccl"):
         assert dist.get_backend() == "nccl"
+        rank = dist.get_rank()
         device = torch.device("cuda", torch.cuda.current_device())
+        tmp = broadcast_object(tempfile.mkdtemp() if rank == 0 else None)  # one host
         worst_step = check_noiseless_step_equals_by_hand(device)
         p_value = check_noise_once(device)
         resume_diff = check_adaptive_checkpoint_resume(device, Path(tmp))
+        dist.barrier()
+        if rank != 0:
+            return 0
+        shutil.rmtree(tmp, ignore_errors=True)
         print(
             f"PASS ddp_nccl_single_gpu: backend=nccl world_size={dist.get_world_size()} "
             f"device={torch.cuda.get_device_name(device)} | noiseless step vs by hand: max diff "
