@@ -100,6 +100,7 @@ def test_fix_replaces_recurrent_layers_with_the_same_function(kind):
     expected = original(x)[0]
     fixed = ModuleValidator.fix(nn.Sequential(original))[0]
     assert type(fixed).__name__ == f"DP{kind}"
+    assert ModuleValidator.validate(fixed) == []
     torch.testing.assert_close(fixed(x)[0], expected, atol=1e-5, rtol=1e-4)
 
 
@@ -113,6 +114,7 @@ def test_fix_replaces_multihead_attention_with_the_same_function():
     expected = original(x, x, x)[0]
     fixed = ModuleValidator.fix(original)
     assert type(fixed).__name__ == "DPMultiheadAttention"
+    assert ModuleValidator.validate(fixed) == []
     torch.testing.assert_close(fixed(x, x, x)[0], expected, atol=1e-5, rtol=1e-4)
 
 
