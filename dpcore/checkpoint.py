@@ -284,6 +284,8 @@ def build_checkpoint(
     """The checkpoint as a plain dict (what :func:`save_checkpoint` writes)."""
     from . import __version__
 
+    _require_step_boundary(optimizer)
+
     checkpoint: dict[str, Any] = {
         _MAGIC: FORMAT_VERSION,
         "dpcore_version": __version__,
@@ -301,6 +303,18 @@ def build_checkpoint(
     if loader_state is not None:
         checkpoint["data_loader"] = loader_state
     return checkpoint
+
+
+def _require_step_boundary(optimizer: Any) -> None:
+    """Clipped gradients of a logical batch in progress are not part of a checkpoint."""
+    grad_sampler = getattr(optimizer, "grad_sampler", None)
+    pending = grad_sampler is not None and grad_sampler.has_pending()
+    if pending or getattr(optimizer, "backward_passes", 0) > 0:
+        raise CheckpointError(
+            "cannot checkpoint in the middle of a step: the optimizer holds clipped gradients "
+            "of a batch it has not stepped on yet (a backward pass, or physical batches of a "
+            "BatchMemoryManager logical batch). Save right after optimizer.step()."
+        )
 
 
 def _loader_state(data_loader: Any) -> dict[str, Any] | None:

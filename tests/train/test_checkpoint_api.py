@@ -154,3 +154,19 @@ def test_config_change_before_make_private_refused_or_composed(tmp_path):
     both = get_registry().create("accountant", "prv")
     both.load_state_dict({"name": "prv", "history": [[0.8, 0.2, 4], [1.5, 0.2, 3]]})
     assert eng.get_epsilon(1e-5) == both.get_epsilon(1e-5)
+
+
+def test_saving_inside_a_step_is_refused(tmp_path):
+    case = {"config": w.base_config(), "max_physical_batch_size": 3}
+    engine, model, optimizer, _loader = w.setup(case)
+    x, y = w.make_data().tensors
+    torch.nn.CrossEntropyLoss()(model(x[:4]), y[:4]).backward()
+    with pytest.raises(CheckpointError, match="middle of a step"):
+        engine.save_checkpoint(path=tmp_path / "c.pt", module=model, optimizer=optimizer)
+    optimizer.signal_skip_step(True)  # a virtual step: clipped sums kept for the next one
+    optimizer.step()
+    with pytest.raises(CheckpointError, match="middle of a step"):
+        engine.save_checkpoint(path=tmp_path / "c.pt", module=model, optimizer=optimizer)
+    optimizer.step()  # the real step
+    engine.save_checkpoint(path=tmp_path / "c.pt", module=model, optimizer=optimizer)
+    assert not list(tmp_path.glob("*.tmp*")) and (tmp_path / "c.pt").exists()
