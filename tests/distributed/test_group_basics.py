@@ -117,3 +117,28 @@ def test_wrapper_behaves_like_the_model(single_rank_group):
     assert model[0].weight.abs().sum() == 0
     x = torch.randn(3, 4)
     assert torch.equal(wrapped(x), model(x))
+
+
+def test_process_group_from_env_is_a_no_op_without_a_launcher(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with D.process_group_from_env() as distributed:
+        assert distributed is False and not D.is_distributed()
+    # and the single-process helpers need no group
+    D.check_same_config({"anything": 1})
+    assert D.broadcast_object(42) == 42
+    values = {"g": torch.ones(3)}
+    D.all_reduce_sum_(values)
+    assert torch.equal(values["g"], torch.ones(3))
+
+
+def test_process_group_from_env_joins_and_leaves_torchrun_s_group(monkeypatch):
+    from dist_harness import free_port
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with D.process_group_from_env("gloo") as distributed:
+        assert distributed and D.world_size() == 1 and D.rank() == 0
+    assert not D.is_distributed()
