@@ -130,3 +130,34 @@ def test_make_private_refuses_an_invalid_model_with_the_list(accountant_name):
             noise_multiplier=1.0,
             max_grad_norm=1.0,
         )
+
+
+def test_fixed_recurrent_model_trains_privately(accountant_name):
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(6, 8, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x.unsqueeze(1).repeat(1, 4, 1))[0][:, -1])
+
+    model = ModuleValidator.fix(Tagger())
+    engine = dpcore.PrivacyEngine(accountant=accountant_name)
+    model, opt, dl = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader(dataset(24), 8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        seed=0,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    for x, y in dl:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert engine.steps == 3
+    assert all(
+        not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True)
+    )
