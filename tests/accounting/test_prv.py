@@ -258,3 +258,15 @@ def test_works_in_a_forked_child():
     _, status = os.waitpid(pid, 0)
     assert status == 0
     assert float(os.read(read, 100).decode()) == _prv((1.0, 0.02, 100)).get_epsilon(1e-5)
+
+
+@pytest.mark.parametrize("sigma, steps, delta", [(1.0, 100, 1e-10), (2.0, 1000, 1e-12)])
+def test_small_deltas_stay_bounded_with_float_error_in_the_slack(sigma, steps, delta):
+    exact = gaussian_epsilon(math.sqrt(steps) / sigma, delta)
+    bounds = _prv((sigma, 1.0, steps)).get_epsilon_bounds(delta)
+    assert bounds.lower <= exact <= bounds.upper
+
+
+def test_delta_below_float_resolution_is_refused():
+    with pytest.raises(AccountingError, match="too small"):
+        _prv((1.0, 1.0, 100)).get_epsilon(1e-15)

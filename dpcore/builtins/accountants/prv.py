@@ -40,9 +40,11 @@ How the numbers are made, and why the bound holds:
        estimate = epsilon_grid(delta)
        lower    = epsilon_grid(delta + delta_error) - t
 
-   clamped at 0 (epsilon is never negative). Not in the budget: floating-point
-   round-off (FFT, ~1e-13 of mass) and the quadrature error of the cell splits (the
-   mean of a step is kept to ~1e-7 of the mesh; tests check it against an integral). t is ``eps_error`` unless the grid would
+   clamped at 0 (epsilon is never negative). Floating-point round-off of the FFTs is
+   measured on the result (its smallest entry) and added to delta_error; a delta too
+   small to resolve is refused. Not in the budget: the quadrature error of the cell
+   splits (a step's mean is kept to ~1e-7 of the mesh; tests check it against an
+   integral). t is ``eps_error`` unless the grid would
    exceed ``max_grid`` points (huge epsilon), in which case h grows and the bounds
    honestly report the larger t.
 """
@@ -274,6 +276,7 @@ class DeltaCurve:
     tail_mass: np.ndarray  # A_k = sum_{j > k} m_j
     tail_weighted: np.ndarray  # C_k = sum_{j > k} m_j exp(-(j - k) h)
     neg_delta: np.ndarray  # -delta at the nodes, -(A_k - C_k): non-decreasing
+    noise: float  # bound on the floating-point error of any delta read off this curve
 
     def epsilon(self, delta: float) -> float:
         """The smallest epsilon (possibly negative) with delta(epsilon) <= delta."""
@@ -298,6 +301,10 @@ def compose(
     n = scipy.fft.next_fast_len(math.ceil(window[1] / h) - lo_idx + 2, real=True)
     spectrum = np.ones(n // 2 + 1, dtype=np.complex128)
     alive = np.ones(spectrum.size, dtype=bool)
+    # relative float error of each component: exp(count * log(phi)) multiplies the
+    # error of log(phi) (~eps |log phi|) by count; every other operation adds ~eps.
+    eps64 = float(np.finfo(np.float64).eps)
+    relative_error = np.full(spectrum.size, 10 * eps64 * math.log2(n))
     shift = 0  # total of the per-step centring shifts, in grid points
     for loss, count in steps:
         centre = round(loss.mean / h)  # centring keeps the phases small
@@ -308,14 +315,22 @@ def compose(
         with np.errstate(divide="ignore"):
             log_abs = 0.5 * count * np.log(phi.real**2 + phi.imag**2)
         alive &= log_abs > -80.0
-        spectrum[alive] *= np.exp(count * np.log(phi[alive])) if count > 1 else phi[alive]
+        log_phi = np.log(phi[alive])
+        spectrum[alive] *= np.exp(count * log_phi) if count > 1 else phi[alive]
+        relative_error[alive] += eps64 * (count * np.abs(log_phi) + 10.0)
         shift += count * centre
     spectrum[~alive] = 0.0
+    spectrum[0] = 1.0  # the total mass is exactly one: do not carry its float error
     out = scipy.fft.irfft(spectrum, n)
+    # An error e_f in component f moves every entry by at most (2/n) sum_f |X_f| e_f,
+    # and delta by that once per grid point above epsilon: it becomes part of the slack
+    # (and is why a very small delta cannot be resolved on a large grid). The dropped
+    # components (|X_f| < e^-80) add less than 1e-34 per entry.
+    per_point = (2.0 / n) * float(np.abs(spectrum) @ relative_error) + 1e-34
     # out[i] is the mass of value index v = i + shift (mod n); lay it out from lo_idx.
     pmf = np.roll(out, -((lo_idx - shift) % n))
     start = min(max(0, math.ceil(floor / h) - lo_idx), n - 1) if math.isfinite(floor) else 0
-    pmf = np.maximum(pmf[start:], 0.0)  # FFT round-off (~1e-18) must not go negative
+    pmf = np.maximum(pmf[start:], 0.0)
     rev = pmf[::-1]
     # A_k and C_k (sums over j > k)
     tail_mass = np.concatenate([np.cumsum(rev)[::-1][1:], [0.0]])
@@ -328,6 +343,7 @@ def compose(
         tail_mass=tail_mass,
         tail_weighted=tail_weighted,
         neg_delta=tail_weighted - tail_mass,
+        noise=per_point * pmf.size,
     )
 
 
@@ -400,10 +416,17 @@ class PRVAccountant(HistoryAccountant):
             return EpsilonBounds(math.inf, math.inf, math.inf)
         # delta(epsilon) is the larger of the two directions', so epsilon(delta) is too.
         curves = self._curves(events, delta_error)
+        slack = delta_error + max(c.noise for c, _ in curves)
+        if not slack < delta / 2:
+            raise AccountingError(
+                f"delta={delta} is too small for the prv accountant's float64 precision "
+                f"on this grid (numerical error ~{slack:.1e} in delta); use a larger delta, "
+                "a larger eps_error (a smaller grid), or the rdp accountant"
+            )
         return EpsilonBounds(
-            lower=max(0.0, *(c.epsilon(delta + delta_error) - t for c, t in curves)),
+            lower=max(0.0, *(c.epsilon(delta + slack) - t for c, t in curves)),
             estimate=max(0.0, *(c.epsilon(delta) for c, _ in curves)),
-            upper=max(0.0, *(c.epsilon(delta - delta_error) + t for c, t in curves)),
+            upper=max(0.0, *(c.epsilon(delta - slack) + t for c, t in curves)),
         )
 
     def _curves(
