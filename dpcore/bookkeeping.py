@@ -279,8 +279,22 @@ class _Tap(torch.autograd.Function):
         return None, None, None, gx, None, None
 
 
-def _tap_op(layer: nn.Module) -> type[_Op] | None:
+#: Public name of the tap interface, for layer grad samplers of plugins: a sampler may
+#: define ``tap_op(layer) -> TapOp subclass | None`` so that ``bk``/``ghost`` run that
+#: layer through a tap (its backward returns the input gradient only and records
+#: ``(a, g)``; autograd never forms the layer's weight gradient) instead of hooks.
+#: ``forward(layer, x, weight, bias) -> (output, extra)`` and
+#: ``input_grad(layer, x, weight, bias, extra, grad_output)``; ``autocast`` as below.
+TapOp = _Op
+
+
+def _tap_op(layer: nn.Module, sampler: Any = None) -> type[_Op] | None:
     """The op of a layer the taps can run exactly, or None (then hooks record it)."""
+    plugin_tap = getattr(sampler, "tap_op", None)
+    if plugin_tap is not None:
+        op = plugin_tap(layer)
+        if op is not None:
+            return op
     forward = type(layer).forward
     if forward is nn.Linear.forward:
         return _LinearOp
@@ -558,7 +572,7 @@ class BookkeepingSampler:
             if not own or any(u.layer is layer for u in self.units):
                 continue
             sampler = registry.layer_grad_sampler_for(layer) or fallback
-            op = _tap_op(layer)
+            op = _tap_op(layer, sampler)
             bdim = 0 if batch_first or getattr(layer, "_dpcore_batch_first", False) else 1
             unit = Unit(
                 path,
