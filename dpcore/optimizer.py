@@ -116,6 +116,8 @@ class DPOptimizer(Optimizer):
         self._patch_step_function()
 
         self._names_by_id: dict[int, str] = {}
+        #: the private model, to find parameters created, replaced or unfrozen after attach
+        self._module = module
         if module is not None:
             self._names_by_id = {id(p): n for n, p in module.named_parameters()}
         self._names_by_id.update({id(p): n for n, p in grad_sampler.named_parameters().items()})
@@ -310,6 +312,21 @@ class DPOptimizer(Optimizer):
                         "make_private (e.g. a lazily created adapter), or it does not belong to the "
                         "private model. dpcore never applies a raw gradient; create or unfreeze every "
                         "parameter before make_private, or freeze it (requires_grad=False)."
+                    )
+        if self._module is not None:
+            # A parameter of the model that the grad sampler does not cover (a PEFT adapter
+            # materialised or replaced after make_private, a layer unfrozen later) would be
+            # silently never updated (the optimizer does not hold it) or updated with a raw
+            # gradient: refuse, naming it.
+            for name, p in self._module.named_parameters():
+                if p.requires_grad and id(p) not in covered_ids:
+                    raise PrivacyEngineError(
+                        f"the model's trainable parameter {name!r} has no per-sample gradients: "
+                        "it was created, replaced or made trainable after make_private (e.g. a "
+                        "lazily created or re-initialised adapter), so the private optimizer "
+                        "would never update it correctly. Create, replace and unfreeze every "
+                        "parameter before make_private (then build the optimizer and call "
+                        "make_private again), or freeze it (requires_grad=False)."
                     )
         # A parameter autograd gave a gradient to, while the grad sampler saw no per-sample
         # gradient for it, is read outside its module's forward (tied weights, functional
