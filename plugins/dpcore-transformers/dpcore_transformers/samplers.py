@@ -1,0 +1,119 @@
+"""Layer grad samplers for Hugging Face layers the core does not cover.
+
+``Conv1D`` (GPT-2, GPT, ...) is a linear layer with a transposed weight:
+``y = x W + b`` with ``W: [in, out]``. Sample ``i``'s weight gradient is the
+transpose of the linear layer's ``Σ_t g_it a_itᵀ``, so every quantity comes from
+dpcore's own linear arithmetic: per-sample gradients from the ``nn.Linear``
+sampler, and for ``bk``/``ghost`` the fused linear kernel (ghost norm or
+instantiation, whichever is cheaper for each call; bf16 Gram matrices with fp32
+accumulation on GPUs) — squared norms do not change under transposition. A tap
+runs the layer in ``bk``/``ghost``, so autograd never forms the unclipped weight
+gradient and GPT-2 keeps the one-backward-pass cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dpcore.bookkeeping import TapOp, _LinearKernel
+from dpcore.builtins.layer_samplers.linear import LinearGradSampler
+from dpcore.layer_sampling import MaterializingLayerGradSampler
+
+
+class Conv1DTap(TapOp):
+    """How ``bk``/``ghost`` run a ``Conv1D``: forward, and the input gradient only."""
+
+    autocast = "low"
+
+    @staticmethod
+    def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
+        out = x.reshape(-1, x.shape[-1]) @ w
+        if b is not None:
+            out = out + b
+        return out.reshape(*x.shape[:-1], w.shape[1]), ()
+
+    @staticmethod
+    def input_grad(layer, x, w, b, extra, g):  # type: ignore[no-untyped-def]
+        return g.to(w.dtype).matmul(w.mT)
+
+
+class Conv1DGradSampler(MaterializingLayerGradSampler):
+    """``transformers.pytorch_utils.Conv1D``."""
+
+    def __init__(self) -> None:
+        self._linear = LinearGradSampler()
+        self._kernel = _LinearKernel()
+
+    def tap_op(self, layer: nn.Module) -> type[TapOp] | None:
+        return Conv1DTap if type(layer).forward is _conv1d_forward() else None
+
+    @staticmethod
+    def _inputs(inputs: Sequence[Tensor], grad_output: Tensor) -> tuple[Tensor, Tensor]:
+        a, g = inputs[0], grad_output
+        dtype = torch.promote_types(a.dtype, g.dtype)
+        return a.to(dtype), g.to(dtype)
+
+    def per_sample_grads(
+        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+    ) -> dict[str, Tensor]:
+        out = self._linear.per_sample_grads(layer, inputs, grad_output)
+        if "weight" in out:
+            out["weight"] = out["weight"].transpose(1, 2)  # [B, out, in] -> [B, in, out]
+        return out
+
+    def per_sample_sq_norms(
+        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+    ) -> dict[str, Tensor]:
+        a, g = self._inputs(inputs, grad_output)
+        return self._kernel.sq_norms(layer, a, g, _wanted(layer))
+
+    def clipped_sums(
+        self,
+        layer: nn.Module,
+        inputs: Sequence[Tensor],
+        grad_output: Tensor,
+        factors: Mapping[str, Tensor],
+    ) -> dict[str, Tensor]:
+        a, g = self._inputs(inputs, grad_output)
+        want = _wanted(layer)
+        out = self._kernel.clipped_sums(
+            layer, a, g, {n: f for n, f in factors.items() if n in want}
+        )
+        if "weight" in out:
+            out["weight"] = out["weight"].T
+        return {n: t.to(layer._parameters[n].dtype) for n, t in out.items()}
+
+    merge_calls = staticmethod(LinearGradSampler.merge_calls)
+
+
+def _wanted(layer: nn.Module) -> set[str]:
+    return {n for n, p in layer._parameters.items() if p is not None and p.requires_grad}
+
+
+def _conv1d_forward() -> Any:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D.forward
+
+
+class HFRMSNormGradSampler(MaterializingLayerGradSampler):
+    """Hugging Face RMSNorms (``LlamaRMSNorm`` and its copies): ``w * x̂`` with
+    ``x̂ = x / sqrt(mean(x²) + eps)`` computed in float32 and cast back to the input
+    dtype, exactly as their forward does; sample ``i``'s gradient is ``Σ_t g_it x̂_it``."""
+
+    def per_sample_grads(
+        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+    ) -> dict[str, Tensor]:
+        weight = layer._parameters.get("weight")
+        if weight is None or not weight.requires_grad:
+            return {}
+        x, g = inputs[0], grad_output
+        eps = getattr(layer, "variance_epsilon", getattr(layer, "eps", 1e-6))
+        x32 = x.float()
+        x_hat = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        grad = (g.float() * x_hat.float()).reshape(g.shape[0], -1, g.shape[-1]).sum(1)
+        return {"weight": grad.to(weight.dtype)}
