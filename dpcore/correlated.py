@@ -24,7 +24,7 @@ the ``bandmf`` noise plugin and the ``cyclic_poisson`` sampler build on it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -337,6 +337,7 @@ def choose_bands_for_rate(
     coefs: Literal["sqrt", "optimized"] = "sqrt",
     accountant: str = "prv",
     epsilon_tolerance: float = 0.01,
+    accountant_options: Mapping[str, Any] | None = None,
     noise_multiplier_fn: Callable[..., float] | None = None,
 ) -> BandsChoice:
     """:func:`choose_bands` given the sample rate ``q = B / N`` (``b <= 1 / q``).
@@ -367,6 +368,7 @@ def choose_bands_for_rate(
                 steps=events,
                 accountant=accountant,
                 epsilon_tolerance=epsilon_tolerance,
+                **dict(accountant_options or {}),
             )
         )
         c = resolve_coefficients(b, coefs, horizon=steps)

@@ -41,6 +41,7 @@ def choose_bands_report(
     delta: float,
     accountant: str,
     tolerance: float,
+    options: dict[str, Any] | None = None,
     coefs: str = "sqrt",
 ) -> dict[str, Any]:
     """What ``dpcore noise --choose-bands`` prints: one row per candidate, and the best."""
@@ -54,6 +55,7 @@ def choose_bands_report(
         coefs=coefs,  # type: ignore[arg-type]
         accountant=accountant,
         epsilon_tolerance=tolerance,
+        accountant_options=options,
     )
     rows = [
         {
@@ -103,8 +105,8 @@ def emit_choose_bands(report: dict[str, Any], as_json: bool) -> None:
         )
     console.print(table)
     console.print(
-        f"best: bands = {report['best_bands']} (noise = {{name = \"bandmf\", bands = "
-        f"{report['best_bands']}}}, sampler = {{name = \"cyclic_poisson\"}}). Prefix RMSE: "
+        f'best: bands = {report["best_bands"]} (noise = {{name = "bandmf", bands = '
+        f'{report["best_bands"]}}}, sampler = {{name = "cyclic_poisson"}}). Prefix RMSE: '
         "expected RMS noise of the running sums of the noisy gradients, per coordinate, in "
         "units of the clipping bound."
     )
