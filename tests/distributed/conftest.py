@@ -16,7 +16,7 @@ HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from dist_harness import TIMEOUT_S, free_port  # noqa: E402
+from dist_harness import TIMEOUT_S, free_port, run_ranks  # noqa: E402
 
 
 @pytest.fixture
@@ -33,3 +33,13 @@ def single_rank_group():
         yield
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def group():
+    """Per-rank results of one spawned 2-rank gloo group that runs every scenario the
+    tests check (``dist_workers.all_scenarios``): spawning, not the work, is what costs
+    time, so the group is spawned once for the session."""
+    from dist_workers import all_scenarios
+
+    return run_ranks(all_scenarios, 2)

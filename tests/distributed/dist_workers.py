@@ -306,3 +306,14 @@ def _break_noise_once(optimizer: Any, how: str, seed: int, rank: int) -> None:
     if how == "independent":
         optimizer.noise_generator = rng.make_generator(seed, "noise", rank)
     optimizer._distributed_noise_and_reduce = faulty
+
+
+def all_scenarios(rank: int, world_size: int) -> dict[str, Any]:
+    """Everything the tests need from one live 2-rank group, spawned once per session."""
+    from dist_specs import CONFIGS, NOISE_RUNS
+
+    return {
+        **group_scenarios(rank, world_size),
+        "training": private_runs(rank, world_size, CONFIGS),
+        "noise": {name: private_run(rank, world_size, spec) for name, spec in NOISE_RUNS.items()},
+    }

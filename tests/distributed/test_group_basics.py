@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_harness import run_ranks
-from dist_workers import group_scenarios, tiny_model
+from dist_workers import tiny_model
 
 import dpcore
 from dpcore import distributed as D
@@ -15,8 +14,8 @@ from dpcore.rng import make_generator
 
 
 @pytest.fixture(scope="module")
-def ranks():
-    return run_ranks(group_scenarios, 2)
+def ranks(group):
+    return group
 
 
 def test_dpddp_broadcasts_rank0_at_construction_and_nothing_in_backward(ranks):

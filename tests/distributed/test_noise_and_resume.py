@@ -9,50 +9,18 @@ import numpy as np
 import pytest
 import torch
 from dist_harness import run_ranks
-from dist_workers import private_run, private_runs
+from dist_specs import BANDMF_SPEC, BATCH, CLIP, NOISE_RUNS, NOISE_SPEC, RESUME_SPEC, SIGMA
+from dist_workers import private_run
 from scipy import stats
 from torch.multiprocessing import ProcessExitedException
 
 from dpcore.errors import DistributedError
 
-SIGMA, CLIP, N, BATCH = 1.3, 0.7, 40, 20
-NOISE_SPEC = {
-    "zero_gradients": True,  # the clipped sums are 0: p.grad after a step is noise / (qN)
-    "noise_multiplier": SIGMA,
-    "max_grad_norm": CLIP,
-    "d_in": 300,  # 1,523 parameters
-    "n": N,
-    "batch_size": BATCH,
-    "steps": 4,
-    "lr": 0.0,
-}
-#: correlated noise: rank 0's mechanism keeps the noise history, the others never draw
-BANDMF_SPEC = {
-    **NOISE_SPEC,
-    "noise": {"name": "bandmf", "bands": 2},
-    "sampler": "cyclic_poisson",
-    "batch_size": 10,
-}
-RESUME_SPEC = {
-    "noise_multiplier": 0.8,
-    "clipping": "adaptive",
-    "max_grad_norm": 0.3,
-    "steps": 7,  # four steps per epoch: the run crosses an epoch boundary
-}
-
 
 @pytest.fixture(scope="module")
-def runs():
-    specs = [
-        NOISE_SPEC,
-        {**NOISE_SPEC, "faulty_noise": "same"},
-        {**NOISE_SPEC, "faulty_noise": "independent"},
-        RESUME_SPEC,
-        BANDMF_SPEC,
-    ]
-    r0, r1 = run_ranks(private_runs, 2, specs)
-    names = ["noise", "same", "independent", "straight", "bandmf"]
-    return dict(zip(names, zip(r0, r1, strict=True), strict=True))
+def runs(group):
+    """name -> (rank 0's result, rank 1's) of the noisy runs of the shared group."""
+    return {name: (group[0]["noise"][name], group[1]["noise"][name]) for name in NOISE_RUNS}
 
 
 def single_addition_pvalue(grads: torch.Tensor) -> float:

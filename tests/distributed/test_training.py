@@ -1,7 +1,6 @@
 """Private training on 2 gloo ranks equals private training on the union of their batches.
 
-Each test spawns one small process group and runs several configurations in it
-(spawning, not training, is what costs time).
+The runs happen in the session's shared 2-rank group (``group`` in conftest.py).
 """
 
 from __future__ import annotations
@@ -10,27 +9,9 @@ import math
 
 import pytest
 import torch
-from dist_harness import run_ranks
-from dist_workers import DEFAULT_RUN, make_dataset, make_model, private_run, private_runs
+from dist_specs import CONFIGS
+from dist_workers import DEFAULT_RUN, make_dataset, make_model, private_run
 from torch import nn
-
-from dpcore.registry import get_registry
-
-CONFIGS = [
-    {"grad_sample_mode": "hooks"},
-    {"grad_sample_mode": "hooks", "mode": "accumulate"},
-    {"grad_sample_mode": "hooks", "mode": "bmm"},
-    {"grad_sample_mode": "functorch"},
-    {"grad_sample_mode": "ghost"},
-    {"grad_sample_mode": "bk"},
-    {"grad_sample_mode": "bk", "mode": "bmm"},
-    {"grad_sample_mode": "bk", "clipping": "automatic"},
-    {"grad_sample_mode": "hooks", "clipping": "adaptive"},
-    # a local expected batch of 1: ranks often draw nothing and must still take the step
-    {"grad_sample_mode": "hooks", "n": 8, "batch_size": 2, "empty_draws": True},
-    {"grad_sample_mode": "bk", "n": 8, "batch_size": 2, "empty_draws": True},
-]
-CONFIGS = [c for c in CONFIGS if c["grad_sample_mode"] in get_registry().names("grad_sampler")]
 
 
 def micro_batch_reference(initial, batches, spec):
@@ -57,11 +38,11 @@ def micro_batch_reference(initial, batches, spec):
     return model.state_dict()
 
 
-def test_noiseless_distributed_update_equals_single_process_update_on_the_union():
+def test_noiseless_distributed_update_equals_single_process_update_on_the_union(group):
     """noise 0, clipping active: 2 ranks == 1 process on the union batch, for every grad
     sampler, with gradient accumulation and with BatchMemoryManager; also == a by-hand
     micro-batch computation of DP-SGD (flat clipping)."""
-    per_rank = run_ranks(private_runs, 2, CONFIGS)
+    per_rank = [r["training"] for r in group]
     for config, r0, r1 in zip(CONFIGS, *per_rank, strict=True):
         label = str(config)
         assert r0["distributed"] and r0["sampler"] == "DistributedPoissonSampler", label
