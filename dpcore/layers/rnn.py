@@ -136,19 +136,22 @@ class DPRNNBase(nn.Module):
         batch = x.shape[0]
         h0, c0 = self._initial_state(hx, x, batch, unbatched)
 
-        h_n, c_n = [], []
+        h_n: list[Tensor] = []
+        c_n: list[Tensor] = []
         for layer in range(self.num_layers):
             outs = []
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
                 cell = self.cells[index]
+                assert isinstance(cell, _Cell)
                 seq = x if direction == 0 else _reverse(x, lengths)
                 y, h, c = self._run(
                     cell, seq, h0[index], None if c0 is None else c0[index], lengths
                 )
                 outs.append(y if direction == 0 else _reverse(y, lengths))
                 h_n.append(h)
-                c_n.append(c)
+                if c is not None:
+                    c_n.append(c)
             x = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
@@ -156,6 +159,7 @@ class DPRNNBase(nn.Module):
         h_out = torch.stack(h_n)
         state: Any = (h_out, torch.stack(c_n)) if self.mode == "LSTM" else h_out
         if packed:
+            assert lengths is not None
             output: Any = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         elif unbatched:
             output = x.squeeze(0)

@@ -77,7 +77,7 @@ class EWGradSampler:
                     (0, {n: p.new_zeros((0, *p.shape)) for n, p in self._params.items()})
                 )
                 return original(*args, **kwargs)
-            expanded = {
+            expanded: dict[str, Any] = {
                 n: ExpandedWeight(p, batch, loss_reduction) for n, p in self._params.items()
             }
             self._inside = True
@@ -118,7 +118,7 @@ class EWGradSampler:
             g = getattr(p, "grad_sample", None)
             if g is None:
                 continue
-            del p.grad_sample
+            del p.grad_sample  # type: ignore[attr-defined]
             if self._exposed.get(name) is g:  # ours, from the last flush
                 continue
             found[name] = g
@@ -133,7 +133,7 @@ class EWGradSampler:
             or bool(self._pending)
             or any(
                 getattr(p, "grad_sample", None) is not None
-                and self._exposed.get(n) is not p.grad_sample
+                and self._exposed.get(n) is not getattr(p, "grad_sample", None)
                 for n, p in self._params.items()
             )
         )
@@ -169,7 +169,7 @@ class EWGradSampler:
         self._pending = []
         for p in self._params.values():
             if hasattr(p, "grad_sample"):
-                del p.grad_sample
+                del p.grad_sample  # type: ignore[attr-defined]
         self._exposed = {}
 
 

@@ -81,7 +81,7 @@ def per_sample_grads_of_call(
             tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
             return tuple(tensors[i] for i in differentiable)
 
-        _, pullback = torch.func.vjp(forward, p)
+        _, pullback = torch.func.vjp(forward, p)[:2]
         return pullback(tuple(g.unsqueeze(d) for g, d in zip(gs, out_dims, strict=True)))[0]
 
     xs = tuple(leaves[i] for i in batched)

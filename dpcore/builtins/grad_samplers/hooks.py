@@ -32,7 +32,7 @@ from .functorch import per_sample_grads_of_call
 
 
 @lru_cache(maxsize=256)
-def _signature(layer_type: type) -> inspect.Signature | None:
+def _signature(layer_type: Any) -> inspect.Signature | None:
     try:
         return inspect.signature(layer_type.forward)
     except (TypeError, ValueError):
@@ -45,7 +45,7 @@ def positional_inputs(layer: nn.Module, call: LayerCall) -> tuple[Any, ...]:
     args = call.batched_args()
     if not call.kwargs:
         return args
-    sig = _signature(type(layer))
+    sig = _signature(type(layer))  # type: ignore[arg-type]
     if sig is None:
         return args
     bound = sig.bind(layer, *call.args, **call.kwargs)

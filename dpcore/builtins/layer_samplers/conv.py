@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from dpcore.layer_sampling import MaterializingLayerGradSampler
 
 from ._common import Strategy, scaled, to_param, use_ghost, wants_grad
 
 
-def unfold_patches(layer: nn.Module, x: Tensor) -> Tensor:
+def unfold_patches(layer: Any, x: Tensor) -> Tensor:
     """``[B, C_in · Πk, L]``: the input patch behind every output position."""
     spatial = x.dim() - 2
     pad = list(layer._reversed_padding_repeated_twice)
@@ -56,7 +57,7 @@ class ConvGradSampler(MaterializingLayerGradSampler):
 
     @staticmethod
     def _grouped(
-        layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+        layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> tuple[Tensor, Tensor]:
         x, g = inputs[0], grad_output
         dtype = torch.promote_types(x.dtype, g.dtype)
@@ -69,7 +70,7 @@ class ConvGradSampler(MaterializingLayerGradSampler):
         return a, g
 
     def per_sample_grads(
-        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+        self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         batch = grad_output.shape[0]
@@ -82,7 +83,7 @@ class ConvGradSampler(MaterializingLayerGradSampler):
         return out
 
     def per_sample_sq_norms(
-        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+        self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if wants_grad(layer, "weight"):
@@ -103,7 +104,7 @@ class ConvGradSampler(MaterializingLayerGradSampler):
 
     def clipped_sums(
         self,
-        layer: nn.Module,
+        layer: Any,
         inputs: Sequence[Tensor],
         grad_output: Tensor,
         factors: Mapping[str, Tensor],

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dpcore.errors import GradSampleError
 from dpcore.layer_sampling import MaterializingLayerGradSampler
@@ -40,11 +41,11 @@ def _drop_padding(entries: Entries, padding_idx: int | None) -> Entries:
 
 
 class _ScatterGradSampler(MaterializingLayerGradSampler):
-    def entries(self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> Entries:
+    def entries(self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor) -> Entries:
         raise NotImplementedError
 
     def per_sample_grads(
-        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+        self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
         if not wants_grad(layer, "weight"):
             return {}
@@ -55,7 +56,7 @@ class _ScatterGradSampler(MaterializingLayerGradSampler):
         return {"weight": to_param(out.reshape(e.batch_size, num_rows, dim), layer, "weight")}
 
     def per_sample_sq_norms(
-        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+        self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
         if not wants_grad(layer, "weight"):
             return {}
@@ -74,7 +75,7 @@ class _ScatterGradSampler(MaterializingLayerGradSampler):
 
     def clipped_sums(
         self,
-        layer: nn.Module,
+        layer: Any,
         inputs: Sequence[Tensor],
         grad_output: Tensor,
         factors: Mapping[str, Tensor],
@@ -98,7 +99,7 @@ def _scale_by_frequency(e: Entries, num_rows: int) -> Entries:
 class EmbeddingGradSampler(_ScatterGradSampler):
     """Embedding tables (any index shape; ``padding_idx``, ``scale_grad_by_freq``)."""
 
-    def entries(self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> Entries:
+    def entries(self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor) -> Entries:
         ids = inputs[0]
         batch = grad_output.shape[0]
         dim = grad_output.shape[-1]
@@ -119,7 +120,7 @@ class EmbeddingBagGradSampler(_ScatterGradSampler):
 
     batch_first_only = True
 
-    def entries(self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor) -> Entries:
+    def entries(self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor) -> Entries:
         if layer.mode == "max":
             raise GradSampleError(
                 "EmbeddingBag(mode='max') has no per-sample gradient sampler; use mode='sum' or "

@@ -10,10 +10,11 @@ path here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from dpcore.layer_sampling import MaterializingLayerGradSampler
 
@@ -30,7 +31,7 @@ class LayerNormGradSampler(MaterializingLayerGradSampler):
     """``nn.LayerNorm`` (elementwise affine, with or without bias)."""
 
     def per_sample_grads(
-        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+        self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
         x, g = inputs[0], grad_output
         shape = tuple(layer.normalized_shape)
@@ -47,7 +48,7 @@ class RMSNormGradSampler(MaterializingLayerGradSampler):
     """``nn.RMSNorm``."""
 
     def per_sample_grads(
-        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+        self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
         if not wants_grad(layer, "weight"):
             return {}
@@ -63,7 +64,7 @@ class GroupNormGradSampler(MaterializingLayerGradSampler):
     batch_first_only = True  # torch wants [B, C, ...] whatever the model's layout
 
     def per_sample_grads(
-        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+        self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
         x, g = inputs[0], grad_output
         out: dict[str, Tensor] = {}
@@ -83,7 +84,7 @@ class InstanceNormGradSampler(MaterializingLayerGradSampler):
     batch_first_only = True  # torch wants [B, C, ...] whatever the model's layout
 
     def per_sample_grads(
-        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+        self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
         x, g = inputs[0], grad_output
         out: dict[str, Tensor] = {}
