@@ -123,6 +123,44 @@ def make_private_mismatch(rank: int, world_size: int) -> str:
     return "accepted"
 
 
+def make_private_warnings(rank: int, world_size: int) -> dict[str, Any]:
+    """Two likely slips: DPDDP forgotten; the non-private DDP loader passed."""
+    import warnings
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    out: dict[str, Any] = {}
+    data = make_dataset(40, 6)
+    for name, wrap, loader in [
+        ("no_dpddp", False, DataLoader(data, batch_size=10)),
+        (
+            "distributed_sampler",
+            True,
+            DataLoader(data, batch_size=5, sampler=DistributedSampler(data)),
+        ),
+    ]:
+        model = make_model(0, 6)
+        module = dpcore.DPDDP(model) if wrap else model
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = dpcore.PrivacyEngine(accountant="rdp")
+            _, optimizer, _ = engine.make_private(
+                module=module,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                data_loader=loader,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                seed=0,
+            )
+        out[name] = {
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)],
+            "distributed": optimizer.distributed,
+            "sampler": type(engine.sampler).__name__,
+            "sample_rate": engine.sample_rate,
+        }
+    return out
+
+
 def group_scenarios(rank: int, world_size: int) -> dict[str, Any]:
     """Every quick scenario of one process group, so that the group is spawned once."""
     return {
@@ -133,6 +171,7 @@ def group_scenarios(rank: int, world_size: int) -> dict[str, Any]:
         "plain_ddp": plain_ddp_refused(rank, world_size),
         "sampler": sampler_shards(rank, world_size, 40, 0.3, 6),
         "make_private_mismatch": make_private_mismatch(rank, world_size),
+        "warnings": make_private_warnings(rank, world_size),
     }
 
 

@@ -45,6 +45,20 @@ def test_make_private_refuses_ranks_with_different_configs(ranks):
         assert "differs between ranks" in message and "noise_multiplier: 1.0 vs 1.1" in message
 
 
+def test_forgotten_dpddp_and_a_distributed_sampler_are_warned_about(ranks):
+    for r in ranks:
+        plain, with_sampler = r["warnings"]["no_dpddp"], r["warnings"]["distributed_sampler"]
+        # without DPDDP: no collective, each rank a separate single-process run
+        assert not plain["distributed"] and plain["sampler"] == "PoissonSampler"
+        assert any("not a dpcore.DPDDP" in w for w in plain["warnings"])
+        # DistributedSampler ignored; the rate is 1/len(loader) = 1/4 with 2 ranks x 5
+        assert (
+            with_sampler["distributed"] and with_sampler["sampler"] == "DistributedPoissonSampler"
+        )
+        assert any("DistributedSampler" in w for w in with_sampler["warnings"])
+        assert with_sampler["sample_rate"] == pytest.approx(0.25)
+
+
 def test_flattened_all_reduce_and_broadcast_object(ranks):
     for r in (r["collectives"] for r in ranks):
         assert torch.equal(r["tensors"]["a"], torch.full((2, 3), 3.0))
