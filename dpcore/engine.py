@@ -123,6 +123,7 @@ class PrivacyEngine:
         self._run_config: EngineConfig | None = None
         self._handles: list[Any] = []
         self._pending_state: Mapping[str, Any] | None = None
+        self._warned_no_batch = False
 
     # ------------------------------------------------------------------------------
     # Construction from a config
@@ -596,6 +597,15 @@ class PrivacyEngine:
     def _account(self, optimizer: DPOptimizer) -> None:
         """Step hook: the generic rule of the contracts, one event per ``min_separation``."""
         separation = max(1, int(getattr(self.sampler, "min_separation", 1)))
+        if optimizer.last_step_drawn == 0 and not self._warned_no_batch:
+            self._warned_no_batch = True
+            warnings.warn(
+                "the optimizer stepped without a batch from the data loader that make_private "
+                "returned. The privacy accounting assumes the batches that loader samples; "
+                "iterate it (not the original data loader) so that ε is what was spent.",
+                UserWarning,
+                stacklevel=4,
+            )
         if self.steps % separation == 0:
             k = optimizer.last_step_batches
             # k independently drawn batches summed under ONE noise draw of std σ·C equal the

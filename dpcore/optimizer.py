@@ -134,6 +134,7 @@ class DPOptimizer(Optimizer):
         self.logical_batches = 0
         #: logical batches the last real step aggregated (the engine accounts with it)
         self.last_step_batches = 1
+        self.last_step_drawn = 0
         #: largest number of logical batches one step may aggregate (None: no limit)
         self.max_batches_per_step: int | None = None
         #: backward passes flushed since the last real step, and samples in them (this rank)
@@ -245,6 +246,8 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.step()
 
         self.last_step_batches = batches
+        #: batches the data loader delivered for the last real step (0: none seen)
+        self.last_step_drawn = self.logical_batches
         self._summed = {}
         self.logical_batches = 0
         self.backward_passes = 0

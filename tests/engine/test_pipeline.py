@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -103,6 +104,7 @@ def test_noise_std_on_zero_gradients(secure, accountant_name):
     assert stats.chi2.cdf(chi2_wrong, n - 1) < 1e-6
 
 
+@pytest.mark.filterwarnings("ignore:the optimizer stepped without a batch")
 def test_seeded_noise_is_reproducible_and_secure_is_not(accountant_name):
     def grads(seed, secure=False):
         torch.manual_seed(0)
@@ -264,6 +266,7 @@ def test_accumulating_several_drawn_batches_is_accounted_as_their_composition(ac
     assert sigma == pytest.approx(1.2 / math.sqrt(3))
 
 
+@pytest.mark.filterwarnings("ignore:the optimizer stepped without a batch")
 def test_forgetting_zero_grad_is_an_error(accountant_name):
     model = mlp()
     engine = dpcore.PrivacyEngine(accountant=accountant_name)
@@ -395,6 +398,7 @@ def test_noise_hook_sees_noised_sums_before_scaling(accountant_name):
     torch.testing.assert_close(seen[-1][1]["weight"] / 5.0, model.weight.grad)
 
 
+@pytest.mark.filterwarnings("ignore:the optimizer stepped without a batch")
 @pytest.mark.parametrize("mode", grad_sampler_names())
 def test_empty_poisson_batch_takes_a_noisy_step(mode, accountant_name):
     torch.manual_seed(0)
@@ -420,3 +424,28 @@ def test_empty_poisson_batch_takes_a_noisy_step(mode, accountant_name):
     opt.zero_grad()
     opt.step()
     assert engine.steps == 2
+
+
+def test_stepping_on_batches_of_the_original_loader_warns(accountant_name):
+    ds = dataset(24)
+    original = loader(ds, 8)
+    model = mlp()
+    engine = dpcore.PrivacyEngine(accountant=accountant_name)
+    model, opt, dl = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=original,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in dl:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    with pytest.warns(UserWarning, match="not the original data loader"):
+        for x, y in original:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
