@@ -10,6 +10,8 @@ CONFIGS = [
     {"grad_sample_mode": "hooks", "mode": "accumulate"},
     {"grad_sample_mode": "hooks", "mode": "bmm"},
     {"grad_sample_mode": "functorch"},
+    {"grad_sample_mode": "ew"},
+    {"grad_sample_mode": "ew", "n": 8, "batch_size": 2, "empty_draws": True},
     {"grad_sample_mode": "ghost"},
     {"grad_sample_mode": "bk"},
     {"grad_sample_mode": "bk", "mode": "bmm"},
