@@ -95,6 +95,13 @@ def per_sample_grads_of_call(
         raise
     except Exception as exc:  # vmap cannot batch some operation of this layer
         where = f"layer {path!r} ({type(layer).__name__})" if path else type(layer).__name__
+        if path == "<model>":  # whole-model functorch: the layer-by-layer modes may serve it
+            raise GradSampleError(
+                f"grad_sample_mode='functorch' cannot run the model ({type(layer).__name__}) "
+                f"under torch.func.vmap: {type(exc).__name__}: {exc}. Use grad_sample_mode="
+                "'bk' (or 'ghost' or 'hooks'), which work layer by layer and need no vmap of "
+                "the whole model."
+            ) from exc
         raise GradSampleError(
             f"torch.func could not compute per-sample gradients of {where}: "
             f"{type(exc).__name__}: {exc}. Register a layer grad sampler for "
