@@ -104,9 +104,14 @@ def emit_choose_bands(report: dict[str, Any], as_json: bool) -> None:
             style="bold" if best else None,
         )
     console.print(table)
+    best = report["best_bands"]
+    if best == 1:
+        advice = "plain DP-SGD (noise = gaussian, sampler = poisson): correlation does not pay here"
+    else:
+        advice = (
+            f'noise = {{name = "bandmf", bands = {best}}}, sampler = {{name = "cyclic_poisson"}}'
+        )
     console.print(
-        f'best: bands = {report["best_bands"]} (noise = {{name = "bandmf", bands = '
-        f'{report["best_bands"]}}}, sampler = {{name = "cyclic_poisson"}}). Prefix RMSE: '
-        "expected RMS noise of the running sums of the noisy gradients, per coordinate, in "
-        "units of the clipping bound."
+        f"best: bands = {best}, {advice}. Prefix RMSE: expected RMS noise of the running sums "
+        "of the noisy gradients, per coordinate, in units of the clipping bound."
     )
