@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -108,9 +109,13 @@ def process_group_from_env(backend: str | None = None) -> Iterator[bool]:
     ):
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        options: dict[str, Any] = {}
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            if "device_id" in inspect.signature(dist.init_process_group).parameters:
+                options["device_id"] = device  # binds the group to this GPU (torch >= 2.3)
+        dist.init_process_group(backend, **options)
         created = True
     try:
         yield is_distributed()
