@@ -161,3 +161,27 @@ def test_fixed_recurrent_model_trains_privately(accountant_name):
     assert all(
         not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True)
     )
+
+
+def test_layers_without_a_layer_grad_sampler_are_listed_for_samplers_that_need_one(fresh_registry):
+    from dpcore.registry import PluginInfo, get_registry
+
+    def strict_factory(**options):
+        raise AssertionError("not built by validate")
+
+    strict_factory.needs_layer_grad_samplers = True
+    registry = get_registry()
+    registry._add(PluginInfo("grad_sampler", "strict", "tests", "", "t", "t", obj=strict_factory))
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.scale
+
+    model = nn.Sequential(nn.Linear(3, 3), Custom())
+    assert ModuleValidator.validate(model, grad_sample_mode="hooks") == []
+    problems = ModuleValidator.validate(model, grad_sample_mode="strict")
+    assert len(problems) == 1 and problems[0].startswith("1 (Custom): grad_sample_mode 'strict'")
