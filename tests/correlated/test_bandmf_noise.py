@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 from dpcore.correlated import expected_prefix_rmse, strategy_matrix
-from dpcore.errors import CheckpointError, ConfigError
+from dpcore.errors import CheckpointError, ConfigError, PrivacyEngineError
 from dpcore.registry import get_registry
 from dpcore.rng import make_generator, standard_normal
 
@@ -134,7 +134,7 @@ def test_state_refuses_other_coefficients_and_parameter_changes() -> None:
     noise.add_noise({"w": torch.zeros(3)}, std=1.0, generator=torch.Generator())
     with pytest.raises(CheckpointError, match="same `bands` and `coefs`"):
         bandmf(bands=4).load_state_dict(noise.state_dict())
-    with pytest.raises(CheckpointError, match="parameters"):
+    with pytest.raises(PrivacyEngineError, match="parameters"):
         noise.add_noise({"v": torch.zeros(3)}, std=1.0, generator=torch.Generator())
 
 

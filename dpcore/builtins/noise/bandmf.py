@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from dpcore.correlated import DEFAULT_HORIZON, banded_step, resolve_coefficients
-from dpcore.errors import CheckpointError
+from dpcore.errors import CheckpointError, PrivacyEngineError
 from dpcore.rng import standard_normal
 
 DETAILS = (
@@ -84,7 +84,7 @@ class BandMFNoise:
         self, grads: dict[str, Tensor], *, std: float, generator: torch.Generator | None
     ) -> None:
         if self.step > 0 and set(grads) != set(self._history):
-            raise CheckpointError(
+            raise PrivacyEngineError(
                 "bandmf: the parameters receiving noise changed mid-run (had "
                 f"{sorted(self._history)}, now {sorted(grads)}); correlated noise needs the "
                 "same parameters every step"
