@@ -84,7 +84,7 @@ class GPT(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         pos = torch.arange(ids.shape[1], device=ids.device)[None]
         if self.expand_positions:
-            pos = pos.expand(ids.shape[0], -1)
+            pos = pos.expand(ids.shape[0], -1).contiguous()
         x = self.tok(ids) + self.pos(pos)
         for block in self.blocks:
             x = block(x)

@@ -338,13 +338,34 @@ def _bmm32(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.float(), b.float())
 
 
+_ROW_FACTORS: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
 def _row_factors(c: Tensor, dtype: torch.dtype) -> Tensor:
     """Clip factors in ``dtype``, rounded towards zero so that casting never makes a
-    sample's contribution larger than the clipper allowed."""
+    sample's contribution larger than the clipper allowed (cached: every layer of a
+    flat-clipped model uses the same factors)."""
     if dtype == c.dtype:
         return c
+    hit = _ROW_FACTORS.get((id(c), dtype))
+    if hit is not None and hit[0] is c:
+        return hit[1]
     low = c.to(dtype)
-    return torch.where(low.float() > c, torch.nextafter(low, torch.zeros_like(low)), low)
+    low = torch.where(low.float() > c, torch.nextafter(low, torch.zeros_like(low)), low)
+    if len(_ROW_FACTORS) >= 8:
+        _ROW_FACTORS.clear()
+    _ROW_FACTORS[(id(c), dtype)] = (c, low)  # holding c keeps its id unique
+    return low
+
+
+def _mm32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``, with a float32 result straight from the matrix unit for bf16/fp16."""
+    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return a @ b
 
 
 def _scaled_rows(g: Tensor, c: Tensor) -> Tensor:
@@ -392,6 +413,17 @@ class _LinearKernel:
             out["bias"] = g.sum(1, dtype=torch.float32).square().sum(1)
         return out
 
+    def per_sample_grads(
+        self, layer: nn.Module, a: Tensor, g: Tensor, want: set[str]
+    ) -> dict[str, Tensor]:
+        a, g = self.sequences(a, g)
+        out: dict[str, Tensor] = {}
+        if "weight" in want:
+            out["weight"] = _bmm32(g.mT, a.to(g.dtype))
+        if "bias" in want:
+            out["bias"] = g.sum(1, dtype=torch.float32)
+        return out
+
     def clipped_sums(
         self, layer: nn.Module, a: Tensor, g: Tensor, factors: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
@@ -401,7 +433,7 @@ class _LinearKernel:
         gw = None
         if cw is not None:
             gw = _scaled_rows(g, cw).flatten(0, 1)
-            out["weight"] = gw.mT.matmul(a.flatten(0, 1).to(gw.dtype))
+            out["weight"] = _mm32(gw.mT, a.flatten(0, 1).to(gw.dtype))
         cb = factors.get("bias")
         if cb is not None:
             gb = gw if cb is cw and gw is not None else _scaled_rows(g, cb).flatten(0, 1)
@@ -479,6 +511,19 @@ class _ConvKernel:
                 out["weight"] = _bmm32(g, a.to(g.dtype)).square().sum((1, 2))
         if "bias" in want:
             out["bias"] = g.sum(2, dtype=torch.float32).square().sum(1)
+        return out
+
+    def per_sample_grads(
+        self, layer: nn.Module, x: Tensor, g: Tensor, want: set[str]
+    ) -> dict[str, Tensor]:
+        batch, c_out = g.shape[0], g.shape[1]
+        g = g.reshape(batch, c_out, -1)
+        out: dict[str, Tensor] = {}
+        if "weight" in want:
+            a = self.patches(layer, x)
+            out["weight"] = _bmm32(g, a.to(g.dtype)).view(batch, *layer.weight.shape)
+        if "bias" in want:
+            out["bias"] = g.sum(2, dtype=torch.float32)
         return out
 
     def clipped_sums(

@@ -22,6 +22,9 @@ from dpcore.registry import get_registry
 MODES = ["bk", "ghost"]
 #: the same checks run on a GPU with DPCORE_TEST_DEVICE=cuda (benchmarks/README.md)
 DEVICE = torch.device(os.environ.get("DPCORE_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":  # compare float32 with float32: cuDNN would use TF32 by default
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -378,3 +381,24 @@ def test_long_sequences_use_the_sampler_for_embeddings(monkeypatch: pytest.Monke
     g = torch.Generator().manual_seed(6)
     ids, y = torch.randint(7, (3, 9), generator=g), torch.randint(7, (3, 9), generator=g)
     check("bk", Mixed, ids, y, ce_per_sample)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+def test_bk_instantiates_small_layers_during_backward(conv: type[nn.Module]) -> None:
+    """Layers whose per-sample gradients are much smaller than their activations are
+    instantiated as the output gradient arrives (their tensors are let go at once)."""
+    spatial = (64,) if conv is nn.Conv1d else (16, 16)
+    positions = 62 if conv is nn.Conv1d else 14 * 14
+
+    def build() -> nn.Module:
+        return nn.Sequential(conv(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * positions, 3))
+
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(3, 1, *spatial, generator=g), torch.randint(3, (3,), generator=g)
+    check("bk", build, x, y, ce_per_sample)
+    model = build()
+    gs = make("bk", model)
+    ce_per_sample(model(x), y).mean().backward()
+    eager = {u.path: gs._eager[id(u)] for u in gs.units}
+    assert eager == {"0": True, "3": False}
+    assert not gs.units[0].calls and gs.units[1].calls

@@ -41,12 +41,20 @@ class BookKeepingGradSampler(BookkeepingSampler):
         if eager is None:
             kept = sum(t.numel() * t.element_size() for t in (*call.inputs, call.grad_output))
             own = sum(unit.layer._parameters[n].numel() for n in unit.names)
-            eager = self._eager[id(unit)] = 4 * own * call.grad_output.shape[0] <= kept
+            # layers with a fused kernel are cheaper at the step unless their per-sample
+            # gradients are far smaller than what they would keep
+            ratio = 8 if unit.kernel is not None else 1
+            eager = 4 * own * call.grad_output.shape[0] * ratio <= kept
+            self._eager[id(unit)] = eager
         if not eager:
             unit.calls.append(call)
             return
-        with self.paused():
-            grads = unit.sampler.per_sample_grads(unit.layer, call.inputs, call.grad_output)
+        if getattr(unit.kernel, "per_sample_grads", None) is not None:
+            want = {n for n in unit.names if unit.layer._parameters[n].requires_grad}
+            grads = unit.kernel.per_sample_grads(unit.layer, call.inputs[0], call.grad_output, want)
+        else:
+            with self.paused():
+                grads = unit.sampler.per_sample_grads(unit.layer, call.inputs, call.grad_output)
         for q, g in unit.qualify(grads).items():
             prev = self._materialised.get(q)
             self._materialised[q] = g if prev is None else prev + g
