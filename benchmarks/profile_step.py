@@ -63,9 +63,8 @@ def main(name: str, mode: str, dtype: str) -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60)
-    )
+    for key in ("cuda_time_total", "cpu_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":
