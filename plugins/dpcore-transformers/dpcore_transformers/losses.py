@@ -81,9 +81,9 @@ def use_per_sample_loss(model: nn.Module, reduction: str = "mean") -> nn.Module:
         if inner is target:
             break
         target = inner
-    loss_type = getattr(target, "loss_type", None) or ""
-    if "CausalLM" not in loss_type and "CausalLM" not in type(target).__name__:
-        return model
+    current = getattr(target, "loss_function", None)
+    if getattr(current, "__name__", "") != "ForCausalLMLoss":
+        return model  # not a causal LM loss (or already replaced)
 
     def loss_function(
         logits: Tensor,
