@@ -51,6 +51,9 @@ __all__ = [
     "world_size",
 ]
 
+#: environment variable that chooses the backend of :func:`process_group_from_env`
+BACKEND_ENV = "DPCORE_DIST_BACKEND"
+
 _INIT_HINT = (
     "Initialise the process group first, on every rank: launch with "
     "`torchrun --nproc-per-node N script.py` and call "
@@ -94,9 +97,9 @@ def process_group_from_env(backend: str | None = None) -> Iterator[bool]:
     """Join the process group that ``torchrun`` describes, for the duration of the block.
 
     If ``torchrun`` (or another launcher) set ``RANK`` and ``WORLD_SIZE`` and no group
-    exists yet, initialise the default group (``backend`` default: NCCL when CUDA is
-    available, with this process on GPU ``LOCAL_RANK``; gloo otherwise) and destroy it on
-    exit. Otherwise do nothing. Yields whether a process group exists inside the block.
+    exists yet, initialise the default group and destroy it on exit. ``backend`` defaults
+    to ``$DPCORE_DIST_BACKEND``, else NCCL when CUDA is available (this process on GPU
+    ``LOCAL_RANK``), else gloo. Otherwise do nothing. Yields whether a process group exists inside the block.
     ``dpcore train`` runs inside this, so ``torchrun --nproc-per-node N -m dpcore train``
     works as it is.
     """
@@ -108,7 +111,9 @@ def process_group_from_env(backend: str | None = None) -> Iterator[bool]:
         and "WORLD_SIZE" in os.environ
     ):
         if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = os.environ.get(BACKEND_ENV) or (
+                "nccl" if torch.cuda.is_available() else "gloo"
+            )
         options: dict[str, Any] = {}
         if backend == "nccl":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
