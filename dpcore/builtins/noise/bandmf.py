@@ -115,14 +115,17 @@ class BandMFNoise:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         coefs = [float(v) for v in state["coefs"]]
+        # "optimized" coefficients may differ in the last bits on another machine: those
+        # are the same strategy, and the checkpoint's values keep the resume bit-exact.
         if len(coefs) != len(self.coefs) or any(
-            abs(a - b) > 1e-12 for a, b in zip(coefs, self.coefs, strict=True)
+            abs(a - b) > 1e-6 for a, b in zip(coefs, self.coefs, strict=True)
         ):
             raise CheckpointError(
                 f"bandmf: the checkpoint was written with coefficients {coefs} but this run "
                 f"uses {self.coefs}; resume with the same `bands` and `coefs` (changing them "
                 "mid-run breaks the correlated noise)"
             )
+        self.coefs = coefs
         self.step = int(state["step"])
         self._history = {
             name: [t.detach().to(torch.float32).clone() for t in past]
