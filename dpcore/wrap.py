@@ -43,6 +43,13 @@ class PrivateModule(nn.Module):
     def __iter__(self) -> Iterator[Any]:
         return iter(self._module)  # type: ignore[call-overload]
 
+    # isinstance(private, GPT2LMHeadModel) holds as for the model (isinstance consults
+    # __class__ after type(); type(private) and isinstance(private, PrivateModule) are
+    # unchanged), so library code that checks the model's class keeps working.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # type: ignore[override]
+        return type(self.__dict__["_modules"]["_module"])
+
     def unwrap(self) -> nn.Module:
         """The user's model."""
         return self._module
