@@ -184,3 +184,20 @@ def test_checkpoint_coefficients_within_rounding_are_adopted() -> None:
     resumed = bandmf(bands=3, coefs="optimized", horizon=30)
     resumed.load_state_dict(state)
     assert resumed.coefs == state["coefs"]
+
+
+@pytest.mark.parametrize("options", [{"bands": 6}, {"coefs": [3.0, -1.0, 0.5]}])
+def test_plugin_emits_the_dense_solve_of_its_own_draws(options) -> None:
+    from scipy.linalg import solve_triangular
+
+    noise, steps, std = bandmf(**options), 30, 0.8
+    emitted = emit(noise, steps, std, seed=4, shapes={"w": (9,), "b": (2,)})
+    replay = make_generator(4, "noise")
+    drawn: dict[str, list[np.ndarray]] = {"w": [], "b": []}
+    for _ in range(steps):
+        for name, shape in (("w", (9,)), ("b", (2,))):
+            drawn[name].append((standard_normal(shape, generator=replay) * std).double().numpy())
+    C = strategy_matrix(noise.coefs, steps)
+    for name in drawn:
+        dense = solve_triangular(C, np.array(drawn[name]), lower=True)
+        np.testing.assert_allclose(emitted[name], dense, rtol=1e-4, atol=1e-5)
