@@ -421,3 +421,25 @@ def test_empty_batch_detection_follows_batch_first_and_keyword_inputs():
     assert _is_empty_batch(((torch.zeros(7, 0, 4), None),), {}, False)  # [T, B, F]
     assert not _is_empty_batch((torch.zeros(7, 2, 4),), {}, False)
     assert not _is_empty_batch(("text", 3), {}, True)
+
+
+def test_secure_mode_refuses_predictable_randomness(accountant_name):
+    model = mlp()
+    engine = dpcore.PrivacyEngine(accountant=accountant_name, secure_mode=True)
+    with pytest.raises(PrivacyEngineError, match="secure_mode"):
+        engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader(dataset(), 12),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            seed=3,
+        )
+    _, opt, _ = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader(dataset(), 12),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    assert opt.noise.secure
