@@ -485,7 +485,9 @@ class _ConvKernel:
 
     @staticmethod
     def patches(layer: nn.Module, x: Tensor) -> Tensor:
-        """``[B, L, C_in·Πk]``: the input patch behind every output position."""
+        """``[B, L, C_in·Πk]``: the input patch behind every output position, in the
+        order of ``weight.view(C_out, -1)``. Built from strided views and one copy
+        (``F.unfold`` on CUDA launches one kernel per sample)."""
         if x.dim() == 3:  # 1-D convolution as a 2-D one of height 1
             x = x.unsqueeze(2)
             k, d, p, s = (
@@ -496,7 +498,13 @@ class _ConvKernel:
             )
         else:
             k, d, p, s = layer.kernel_size, layer.dilation, layer.padding, layer.stride
-        return F.unfold(x, k, dilation=d, padding=p, stride=s).mT
+        if any(p):
+            x = F.pad(x, (p[1], p[1], p[0], p[0]))
+        x = x.unfold(2, d[0] * (k[0] - 1) + 1, s[0]).unfold(3, d[1] * (k[1] - 1) + 1, s[1])
+        if d[0] > 1 or d[1] > 1:
+            x = x[..., :: d[0], :: d[1]]
+        batch, channels, rows, cols = x.shape[:4]
+        return x.permute(0, 2, 3, 1, 4, 5).reshape(batch, rows * cols, channels * k[0] * k[1])
 
     def sq_norms(self, layer: nn.Module, x: Tensor, g: Tensor, want: set[str]) -> dict[str, Tensor]:
         batch, c_out = g.shape[0], g.shape[1]
