@@ -93,10 +93,7 @@ class MaterializingGradSampler:
             batches = self.capture.take_pending()
             per_batch = [self.compute_batch(b) for b in batches]
             self._grads = {
-                name: torch.cat([g[name] for g in per_batch])
-                if per_batch
-                else p.new_zeros((0, *p.shape))
-                for name, p in self._params.items()
+                name: _concat([g[name] for g in per_batch], p) for name, p in self._params.items()
             }
             if self.store_grad_sample:
                 for name, p in self._params.items():
@@ -118,5 +115,21 @@ class MaterializingGradSampler:
     def compute_batch(self, batch: CapturedBatch) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def zeros_for(self, batch_size: int) -> dict[str, Tensor]:
-        return {n: p.new_zeros((batch_size, *p.shape)) for n, p in self._params.items()}
+    def accumulate(self, grads: dict[str, Tensor], name: str, value: Tensor) -> None:
+        """Add one contribution to a parameter's per-sample gradients (no zero-filled copy
+        for the first, the usual only one)."""
+        grads[name] = value if name not in grads else grads[name] + value
+
+    def completed(self, grads: dict[str, Tensor], batch_size: int) -> dict[str, Tensor]:
+        """``grads`` with zeros for the covered parameters that got no contribution."""
+        return {
+            n: grads[n] if n in grads else p.new_zeros((batch_size, *p.shape))
+            for n, p in self._params.items()
+        }
+
+
+def _concat(parts: list[Tensor], param: Tensor) -> Tensor:
+    """Rows of several backward passes, without a copy for the usual single one."""
+    if not parts:
+        return param.new_zeros((0, *param.shape))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

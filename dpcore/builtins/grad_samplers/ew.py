@@ -22,7 +22,7 @@ from dpcore.capture import LossReduction, first_tensor
 from dpcore.errors import GradSampleError
 from dpcore.layer_sampling import sq_norms_of, weighted_sums
 
-from ._base import MaterializingOptions
+from ._base import MaterializingOptions, _concat
 
 
 class EWGradSampler:
@@ -143,11 +143,9 @@ class EWGradSampler:
             self._collect()
             pending, self._pending = self._pending, []
             self._grads = {
-                name: torch.cat(
-                    [g[name] if name in g else p.new_zeros((b, *p.shape)) for b, g in pending]
+                name: _concat(
+                    [g[name] if name in g else p.new_zeros((b, *p.shape)) for b, g in pending], p
                 )
-                if pending
-                else p.new_zeros((0, *p.shape))
                 for name, p in self._params.items()
             }
             if self.store_grad_sample:

@@ -123,14 +123,14 @@ class FunctorchGradSampler(MaterializingGradSampler):
 
     def compute_batch(self, batch: CapturedBatch) -> dict[str, Tensor]:
         assert self.module is not None and self.capture is not None
-        grads = self.zeros_for(batch.batch_size)
+        grads: dict[str, Tensor] = {}
         for call in batch.calls.get(self.module, []):
             call.check_unmodified("<model>")
             for name, g in per_sample_grads_of_call(
                 self.module, call, self._params, capture=self.capture, path="<model>"
             ).items():
-                grads[name] += g
-        return grads
+                self.accumulate(grads, name, g)
+        return self.completed(grads, batch.batch_size)
 
 
 def functorch_factory(*, store_grad_sample: bool = False) -> FunctorchGradSampler:

@@ -188,7 +188,7 @@ class HooksGradSampler(MaterializingGradSampler):
 
     def compute_batch(self, batch: CapturedBatch) -> dict[str, Tensor]:
         assert self.capture is not None
-        grads = self.zeros_for(batch.batch_size)
+        grads: dict[str, Tensor] = {}
         for layer, calls in batch.calls.items():
             path = self.capture.paths[layer]
             for call in calls:
@@ -197,8 +197,8 @@ class HooksGradSampler(MaterializingGradSampler):
             for local, g in self._layer_grads(layer, path, sampler, calls):
                 name = self._names.get(id(layer._parameters[local]))
                 if name is not None:
-                    grads[name] += g
-        return grads
+                    self.accumulate(grads, name, g)
+        return self.completed(grads, batch.batch_size)
 
     def _layer_grads(
         self, layer: nn.Module, path: str, sampler: Any, calls: Sequence[LayerCall]
