@@ -37,6 +37,10 @@ class BookKeepingGradSampler(BookkeepingSampler):
         """Small layers (norms, biases, early convolutions) are cheaper to keep as
         per-sample gradients than as activations and output gradients: instantiate them
         as soon as the output gradient arrives and let the tensors go."""
+        if call.grad_output.shape[0] == 0:
+            # [distributed owner] an empty (e.g. a rank's empty Poisson draw) batch
+            # contributes nothing; it must not decide "eager" either (0 <= 0)
+            return
         eager = self._eager.get(id(unit))
         if eager is None:
             kept = sum(t.numel() * t.element_size() for t in (*call.inputs, call.grad_output))
