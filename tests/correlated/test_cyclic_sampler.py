@@ -129,3 +129,23 @@ def test_state_is_epoch_start_plus_position_like_a_snapshotting_loader_writes() 
     resumed = cyclic(150, 0.05, seed=1, cycle_length=3)
     resumed.load_state_dict(snapshot)
     assert first_epoch + delivered + list(resumed) == full
+
+
+def test_resume_with_another_world_size_reshards_the_same_global_batches() -> None:
+    single = cyclic(90, 0.05, seed=2, cycle_length=3)
+    it = iter(single)
+    for _ in range(8):
+        next(it)
+    two = cyclic(90, 0.05, seed=2, world_size=2, cycle_length=3)
+    it2 = iter(two)
+    for _ in range(8):
+        next(it2)
+    state = two.state_dict()  # rank 0's checkpoint, written with two ranks
+    rest = list(single) + list(single)
+    shards = []
+    for rank in range(3):
+        s = cyclic(90, 0.05, seed=rank, rank=rank, world_size=3, cycle_length=3)
+        s.load_state_dict(state)
+        shards.append(list(s) + list(s))
+    for t, batch in enumerate(rest):
+        assert sorted(i for shard in shards for i in shard[t]) == sorted(batch)
