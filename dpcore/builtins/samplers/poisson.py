@@ -66,5 +66,8 @@ class PoissonSampler(ResumableEpochs):
 
     def _epoch(self) -> Iterator[list[int]]:
         for _ in range(self.steps_per_epoch):
-            keep = torch.rand(len(self._indices), generator=self.generator) < self.sample_rate
-            yield self._indices[keep].tolist()
+            # [distributed owner] one uniform per example of the whole data set, of which
+            # this rank keeps its shard's: inclusions stay independent even if ranks end up
+            # sharing a stream (e.g. all resumed from rank 0's state); same draws when W=1
+            keep = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            yield self._indices[keep[self._indices]].tolist()
