@@ -99,6 +99,7 @@ def use_per_sample_loss(model: nn.Module, reduction: str = "mean") -> nn.Module:
             )
         return causal_lm_loss(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
+    loss_function._dpcore_per_sample = True  # type: ignore[attr-defined]
     for sub in model.modules():  # the PEFT wrapper and the transformers model inside
         if hasattr(type(sub), "loss_function") and isinstance(sub, nn.Module):
             try:
@@ -108,6 +109,14 @@ def use_per_sample_loss(model: nn.Module, reduction: str = "mean") -> nn.Module:
     return model
 
 
-__all__ = ["CausalLMLoss", "causal_lm_loss", "per_token_losses", "use_per_sample_loss"]
+def has_per_sample_lm_loss(model: nn.Module) -> bool:
+    """Whether :func:`use_per_sample_loss` changed ``model``'s causal-LM loss."""
+    return any(
+        getattr(sub.__dict__.get("_loss_function"), "_dpcore_per_sample", False)
+        for sub in model.modules()
+    )
+
+
+__all__ = ["CausalLMLoss", "has_per_sample_lm_loss", "causal_lm_loss", "per_token_losses", "use_per_sample_loss"]
 
 

@@ -1,0 +1,43 @@
+"""The distribution registers through the ``dpcore`` entry points only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points, version
+
+import dpcore
+
+
+def test_entry_point_and_registry() -> None:
+    eps = [ep for ep in entry_points(group="dpcore") if ep.value.startswith("dpcore_transformers")]
+    assert [ep.value for ep in eps] == ["dpcore_transformers.plugin"]
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.pytorch_utils import Conv1D
+
+    registry = dpcore.get_registry()
+    assert type(registry.layer_grad_sampler_for(Conv1D(4, 3))).__name__ == "Conv1DGradSampler"
+    assert registry.layer_grad_sampler_for(LlamaRMSNorm(4)) is not None
+
+
+def test_list_plugins_shows_provider_and_version() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dpcore", "list-plugins", "--kind", "layer_grad_sampler", "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [r for r in json.loads(out) if r["provider"] == "dpcore-transformers"]
+    names = {r["name"] for r in rows}
+    assert "transformers.pytorch_utils.Conv1D" in names
+    assert "transformers.models.llama.modeling_llama.LlamaRMSNorm" in names
+    assert {r["version"] for r in rows} == {version("dpcore-transformers")}
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_core_never_imports_transformers() -> None:
+    code = (
+        "import sys, dpcore, dpcore.engine, dpcore.optimizer, dpcore.bookkeeping, dpcore.capture;"
+        "print('transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
