@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -117,6 +116,10 @@ def has_per_sample_lm_loss(model: nn.Module) -> bool:
     )
 
 
-__all__ = ["CausalLMLoss", "has_per_sample_lm_loss", "causal_lm_loss", "per_token_losses", "use_per_sample_loss"]
-
-
+__all__ = [
+    "CausalLMLoss",
+    "causal_lm_loss",
+    "has_per_sample_lm_loss",
+    "per_token_losses",
+    "use_per_sample_loss",
+]

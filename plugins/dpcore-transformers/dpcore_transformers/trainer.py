@@ -29,6 +29,7 @@ skipping is turned off because the sampler resumes at its own position.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -96,7 +97,7 @@ class _MicroBatches:
                 delivered = True
                 n = len(samples)
                 bounds = [round(i * n / self.accumulation) for i in range(self.accumulation + 1)]
-                for lo, hi in zip(bounds, bounds[1:], strict=False):
+                for lo, hi in itertools.pairwise(bounds):
                     chunk = samples[lo:hi]
                     yield self.collate(chunk) if chunk else {}
             if delivered:
@@ -163,9 +164,7 @@ class DPTrainer(Trainer):
             return self.optimizer
         optimizer = super().create_optimizer(*args, **kwargs)
         micro = getattr(self, "_micro", None) or self.get_train_dataloader()
-        base = DataLoader(
-            micro.dataset, batch_size=micro.logical_batch_size(), collate_fn=list
-        )
+        base = DataLoader(micro.dataset, batch_size=micro.logical_batch_size(), collate_fn=list)
         p = self.privacy
         common = dict(
             module=self.model,

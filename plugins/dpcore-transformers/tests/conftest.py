@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hf_models import FAMILIES, Family  # noqa: E402
+from hf_models import FAMILIES, Family
 
 
 @pytest.fixture(params=sorted(FAMILIES))

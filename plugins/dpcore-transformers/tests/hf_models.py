@@ -112,10 +112,10 @@ FAMILIES = {
     "vit": Family(
         "vit",
         vit,
-        lambda: {"pixel_values": torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(1))},
+        lambda: {
+            "pixel_values": torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        },
         lambda: torch.tensor([0, 1, 2]),
         cls_loss,
     ),
 }
-
-

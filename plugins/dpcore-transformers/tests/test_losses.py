@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dpcore_transformers import causal_lm_loss, use_per_sample_loss
 from hf_models import FAMILIES, token_batch
 
 from dpcore.verify import check_per_sample_gradients
-from dpcore_transformers import causal_lm_loss, use_per_sample_loss
 
 LM_FAMILIES = ["gpt2", "llama"]
 
@@ -85,7 +85,9 @@ def test_padding_changes_nothing_for_the_padded_positions() -> None:
     ids, mask, labels = token_batch()
     gs = dpcore.get_registry().create("grad_sampler", "bk", {})
     gs.attach(model, loss_reduction="sum")
-    causal_lm_loss(model(input_ids=ids, attention_mask=mask).logits, labels, reduction="sum").backward()
+    causal_lm_loss(
+        model(input_ids=ids, attention_mask=mask).logits, labels, reduction="sum"
+    ).backward()
     norms = gs.per_sample_sq_norms()
     gs.clipped_sums({n: torch.ones(3) for n in norms})
     gs.detach()

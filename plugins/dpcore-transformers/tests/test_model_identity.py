@@ -52,7 +52,7 @@ def test_wrapped_model_behaves_like_the_model(tmp_path) -> None:  # type: ignore
 
 def test_wrap_model_false_returns_the_same_object_and_detach_removes_hooks() -> None:
     model = FAMILIES["gpt2"].build()
-    engine, private, opt, loader = _private(model, wrap_model=False)
+    engine, private, _opt, _loader = _private(model, wrap_model=False)
     assert private is model
     conv = model.transformer.h[0].attn.c_attn
     assert "forward" in conv.__dict__  # bk's tap
@@ -60,6 +60,6 @@ def test_wrap_model_false_returns_the_same_object_and_detach_removes_hooks() -> 
     engine.detach()
     assert "forward" not in conv.__dict__
     assert not model._forward_pre_hooks
-    ids, mask, labels = token_batch()
+    ids, _mask, _labels = token_batch()
     model(input_ids=ids).logits.sum().backward()  # a plain model again: autograd grads
     assert conv.weight.grad is not None

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dpcore_transformers import causal_lm_loss
 from hf_models import FAMILIES, token_batch
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpcore
 from dpcore.errors import PrivacyEngineError
-from dpcore_transformers import causal_lm_loss
 
 peft = pytest.importorskip("peft")
 
@@ -71,7 +71,7 @@ def test_lora_step_is_the_clipped_micro_batch_update(mode: str) -> None:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     want = _oracle_update(model, token_batch())
-    engine, private, opt, batch = _make_private(model, mode)
+    _engine, private, opt, batch = _make_private(model, mode)
     got = _step(private, opt, batch)
     assert set(got) == set(want)
     for n in want:
@@ -81,7 +81,7 @@ def test_lora_step_is_the_clipped_micro_batch_update(mode: str) -> None:
 
 def test_bk_keeps_nothing_for_frozen_layers() -> None:
     model = lora_gpt2()
-    engine, private, opt, (ids, mask, labels) = _make_private(model, "bk")
+    _engine, private, opt, (ids, mask, labels) = _make_private(model, "bk")
     gs = opt.grad_sampler
     assert gs.units and all("lora_" in u.path for u in gs.units)
     frozen_conv = model.base_model.model.transformer.h[0].attn.c_attn.base_layer
@@ -95,7 +95,7 @@ def test_bk_keeps_nothing_for_frozen_layers() -> None:
 @pytest.mark.parametrize("mode", ["hooks", "bk"])
 def test_adapter_replaced_after_make_private_is_refused_by_name(mode: str) -> None:
     model = lora_gpt2()
-    engine, private, opt, (ids, mask, labels) = _make_private(model, mode)
+    _engine, private, opt, (ids, mask, labels) = _make_private(model, mode)
     layer = model.base_model.model.transformer.h[1].mlp.c_fc.lora_A["default"]
     layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))  # planted: a lazy adapter
     causal_lm_loss(private(input_ids=ids, attention_mask=mask).logits, labels).backward()
@@ -105,7 +105,7 @@ def test_adapter_replaced_after_make_private_is_refused_by_name(mode: str) -> No
 
 def test_parameter_unfrozen_after_make_private_is_refused_by_name() -> None:
     model = lora_gpt2()
-    engine, private, opt, (ids, mask, labels) = _make_private(model, "bk")
+    _engine, private, opt, (ids, mask, labels) = _make_private(model, "bk")
     model.base_model.model.transformer.ln_f.weight.requires_grad_(True)
     causal_lm_loss(private(input_ids=ids, attention_mask=mask).logits, labels).backward()
     with pytest.raises(PrivacyEngineError, match=r"transformer\.ln_f\.weight"):
@@ -122,7 +122,7 @@ def test_moved_before_or_after_make_private(when: str) -> None:
     want = _oracle_update(copy.deepcopy(model).to(target), token_batch())
     if when == "before":
         model.to(target)
-    engine, private, opt, batch = _make_private(model, "bk")
+    _engine, private, opt, batch = _make_private(model, "bk")
     if when == "after":
         private.to(target)
     got = _step(private, opt, batch)

@@ -9,10 +9,9 @@ from hf_models import FAMILIES, VOCAB
 
 pytest.importorskip("accelerate")
 
-from transformers import TrainingArguments, default_data_collator  # noqa: E402
-
-from dpcore_transformers import DPTrainer, PrivacyArguments  # noqa: E402
-from dpcore_transformers.trainer import ENGINE_FILE  # noqa: E402
+from dpcore_transformers import DPTrainer, PrivacyArguments
+from dpcore_transformers.trainer import ENGINE_FILE
+from transformers import TrainingArguments, default_data_collator
 
 N = 24
 
