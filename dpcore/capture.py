@@ -23,6 +23,9 @@ It takes care of the things that make per-sample gradients silently wrong:
   the batch, or a model that moved the batch dimension) raises
   :class:`~dpcore.errors.GradSampleError` during backward, naming the layer;
 * inputs modified in place after forward are detected;
+* activation checkpointing: the recomputation of a segment during backward is
+  recorded into the batch being backwarded (the first, discarded forward of the
+  segment never receives gradients and is dropped);
 * frozen parameters are ignored, and layers with no trainable parameter are not
   hooked at all.
 
@@ -60,6 +63,12 @@ def trainable_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 def trainable_parameter_names(module: nn.Module) -> dict[int, str]:
     """``id(param) -> qualified name`` (first name of a tied parameter)."""
     return {id(p): name for name, p in module.named_parameters() if p.requires_grad}
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass now (e.g. a checkpointed segment is
+    being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def first_tensor(tree: Any) -> Tensor | None:
@@ -294,7 +303,9 @@ class ActivationCapture:
                 )
             self._current = CapturedBatch(first.shape[dim])
         batch = self._current
-        if batch.has_grad:  # backward already ran for this batch: this is a new one
+        if batch.has_grad and not in_backward():
+            # backward already ran for this batch: this is a new one. (A forward *during*
+            # backward is activation checkpointing recomputing a segment: same batch.)
             self._close_current()
             batch = self._current = CapturedBatch(batch.batch_size)
 

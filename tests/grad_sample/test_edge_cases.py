@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from grad_sample._ref import microbatch_grads, sampler_grads
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import dpcore
 from dpcore.errors import ConfigError, GradSampleError
@@ -445,3 +446,27 @@ def test_hooks_refuse_a_loss_term_without_per_sample_form() -> None:
         gs.per_sample_sq_norms()
     assert not gs.has_pending()
     gs.detach()
+
+
+class Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def segment(self, h: Tensor) -> Tensor:
+        return torch.tanh(self.b(torch.tanh(h)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = checkpoint(self.segment, self.a(x), use_reentrant=False)
+        return self.c(h)
+
+
+def test_activation_checkpointing() -> None:
+    """The recomputed segment belongs to the batch being backwarded: hooks is exact; ew,
+    which expanded weights get wrong here, refuses."""
+    torch.manual_seed(13)
+    model = Checkpointed()
+    x, y = torch.randn(3, 4), torch.randn(3, 2)
+    run_and_compare("hooks", model, x, y, sq_loss())
+    with pytest.raises(GradSampleError, match="checkpointing"):
+        sampler_grads("ew", model, x, y, sq_loss())

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils._expanded_weights.expanded_weights_impl import ExpandedWeight
 from torch.nn.utils.stateless import _reparametrize_module
 
-from dpcore.capture import LossReduction, first_tensor
+from dpcore.capture import LossReduction, first_tensor, in_backward
 from dpcore.errors import GradSampleError
 from dpcore.layer_sampling import sq_norms_of, weighted_sums
 
@@ -97,9 +97,26 @@ class EWGradSampler:
 
         module.forward = forward  # type: ignore[method-assign]
         self._original_forward = original
+        # expanded weights give wrong per-sample gradients when a segment is recomputed
+        # during backward (activation checkpointing): refuse instead
+        self._recompute_handles = [
+            m.register_forward_pre_hook(self._refuse_recomputation) for m in module.modules()
+        ]
+
+    @staticmethod
+    def _refuse_recomputation(module: nn.Module, args: Any) -> None:
+        if in_backward() and torch.is_grad_enabled():
+            raise GradSampleError(
+                "grad_sample_mode='ew' (expanded weights) gives wrong per-sample gradients with "
+                f"activation checkpointing ({type(module).__name__} recomputed during backward); "
+                "use grad_sample_mode='hooks' (or 'bk'/'ghost')"
+            )
 
     def detach(self) -> None:
         self.clear()
+        for handle in getattr(self, "_recompute_handles", []):
+            handle.remove()
+        self._recompute_handles = []
         if self.module is not None:
             try:
                 del self.module.forward
