@@ -40,6 +40,7 @@ class GhostGradSampler(BookkeepingSampler):
     def __init__(self) -> None:
         super().__init__()
         self._roots: list[tuple[Tensor, Tensor]] = []  # (output with graph, detached copy)
+        self._roots_batch: int | None = None
         self._phase: Phase | None = None
         self._factors: Mapping[str, Tensor] = {}
         self._acc: dict[str, Tensor] = {}
@@ -78,6 +79,7 @@ class GhostGradSampler(BookkeepingSampler):
                     )
                 detached = leaf.detach().requires_grad_()
                 self._roots.append((leaf, detached))
+                self._roots_batch = self._root_batch
                 leaf = detached
             new.append(leaf)
         return pytree.tree_unflatten(new, spec)
@@ -119,6 +121,9 @@ class GhostGradSampler(BookkeepingSampler):
         if not roots:
             return
         self._phase = phase
+        # the next batch's forward may already have started (the optimizer flushes from
+        # a forward pre-hook): check output gradients against this batch's size
+        self._batch_size = self._roots_batch
         try:
             with self._keep_param_grads():
                 torch.autograd.backward(
@@ -161,6 +166,7 @@ class GhostGradSampler(BookkeepingSampler):
     def clear(self) -> None:
         super().clear()
         self._roots = []
+        self._roots_batch = None
         self._norms = None
         self._acc = {}
         self._factors = {}
