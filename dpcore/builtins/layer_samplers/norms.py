@@ -4,7 +4,7 @@ Each sample's affine gradients are ``Σ g · x̂`` (weight) and ``Σ g`` (bias),
 over the positions of that sample that share the parameter entry, where ``x̂`` is the
 normalised input recomputed from the recorded input. The per-sample gradients are
 as small as the parameters, so the defaults (materialise, then reduce) are the fast
-path here.
+path here. They compute in (at least) float32, as autocast runs these layers.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ from dpcore.layer_sampling import MaterializingLayerGradSampler
 from ._common import to_param, wants_grad
 
 
+def _at_least_float32(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Normalisation runs in float32 under autocast; recompute ``x̂`` the same way
+    (a scale's gradient ``Σ g·x̂`` nearly cancels, so bf16 would lose it)."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, g.dtype), torch.float32)
+    return x.to(dtype), g.to(dtype)
+
+
 def _sum_to(t: Tensor, keep_trailing: int) -> Tensor:
     """Sum ``[B, ..., *trailing]`` over the middle dimensions -> ``[B, *trailing]``."""
     middle = tuple(range(1, t.dim() - keep_trailing))
@@ -33,7 +40,7 @@ class LayerNormGradSampler(MaterializingLayerGradSampler):
     def per_sample_grads(
         self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
-        x, g = inputs[0], grad_output
+        x, g = _at_least_float32(inputs[0], grad_output)
         shape = tuple(layer.normalized_shape)
         out: dict[str, Tensor] = {}
         if wants_grad(layer, "weight"):
@@ -52,7 +59,7 @@ class RMSNormGradSampler(MaterializingLayerGradSampler):
     ) -> dict[str, Tensor]:
         if not wants_grad(layer, "weight"):
             return {}
-        x, g = inputs[0], grad_output
+        x, g = _at_least_float32(inputs[0], grad_output)
         shape = tuple(layer.normalized_shape)
         x_hat = F.rms_norm(x, shape, None, layer.eps)
         return {"weight": to_param(_sum_to(g * x_hat, len(shape)), layer, "weight")}
@@ -66,7 +73,7 @@ class GroupNormGradSampler(MaterializingLayerGradSampler):
     def per_sample_grads(
         self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
-        x, g = inputs[0], grad_output
+        x, g = _at_least_float32(inputs[0], grad_output)
         out: dict[str, Tensor] = {}
         if wants_grad(layer, "weight"):
             x_hat = F.group_norm(x, layer.num_groups, None, None, layer.eps)
@@ -86,7 +93,7 @@ class InstanceNormGradSampler(MaterializingLayerGradSampler):
     def per_sample_grads(
         self, layer: Any, inputs: Sequence[Tensor], grad_output: Tensor
     ) -> dict[str, Tensor]:
-        x, g = inputs[0], grad_output
+        x, g = _at_least_float32(inputs[0], grad_output)
         out: dict[str, Tensor] = {}
         if g.shape[0] == 0:  # F.instance_norm rejects an empty batch
             return {
