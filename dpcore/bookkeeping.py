@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .errors import GradSampleError
-from .layer_sampling import MaterializingLayerGradSampler, sq_norms_of, weighted_sums
+from .layer_sampling import MaterializingLayerGradSampler
 
 LossReduction = Literal["mean", "sum"]
 
@@ -113,10 +113,22 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
+def _no_autocast(device_type: str) -> Any:
+    """Autocast off inside a tap (its casts are explicit); free when it is off already."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when it would be a no-op (hot paths)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     if t is None or dtype is None or not t.is_floating_point():
         return t
-    return t.to(dtype)
+    return _as(t, dtype)
 
 
 class _Op:
@@ -153,7 +165,7 @@ class _LinearOp(_Op):
 
     @staticmethod
     def input_grad(layer, x, w, b, extra, g):  # type: ignore[no-untyped-def]
-        return g.to(w.dtype).matmul(w)
+        return _as(g, w.dtype).matmul(w)
 
 
 class _ConvOp(_Op):
@@ -166,7 +178,7 @@ class _ConvOp(_Op):
     def input_grad(layer, x, w, b, extra, g):  # type: ignore[no-untyped-def]
         n = x.dim() - 2
         return torch.ops.aten.convolution_backward(
-            g.to(w.dtype),
+            _as(g, w.dtype),
             x,
             w,
             None,
@@ -206,7 +218,7 @@ class _LayerNormOp(_Op):
     def input_grad(layer, x, w, b, extra, g):  # type: ignore[no-untyped-def]
         mean, rstd = extra
         return torch.ops.aten.native_layer_norm_backward(
-            g.to(x.dtype),
+            _as(g, x.dtype),
             x,
             list(layer.normalized_shape),
             mean,
@@ -234,7 +246,7 @@ class _GroupNormOp(_Op):
         mean, rstd = extra
         n, c = x.shape[0], x.shape[1]
         return torch.ops.aten.native_group_norm_backward(
-            g.to(x.dtype).contiguous(),
+            _as(g, x.dtype).contiguous(),
             x.contiguous(),
             mean,
             rstd,
@@ -262,7 +274,7 @@ class _Tap(torch.autograd.Function):
     ) -> Tensor:
         dtype = op.dtype(x)
         xc, wc, bc = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             out, extra = op.forward(unit.layer, xc, wc, bc)
         ctx.core, ctx.unit, ctx.op, ctx.has_bias = core, unit, op, bc is not None
         ctx.save_for_backward(xc, wc, bc, *extra)
@@ -274,7 +286,7 @@ class _Tap(torch.autograd.Function):
         ctx.core._record(ctx.unit, (xc,), g)
         gx = None
         if ctx.needs_input_grad[3]:
-            with torch.autocast(xc.device.type, enabled=False):
+            with _no_autocast(xc.device.type):
                 gx = ctx.op.input_grad(ctx.unit.layer, xc, wc, bc, tuple(extra), g)
         return None, None, None, gx, None, None
 
@@ -325,7 +337,7 @@ def _gram(x: Tensor) -> Tensor:
             return torch.bmm(x, x.mT, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
             pass
-    x = x.float()
+    x = _as(x, torch.float32)
     return torch.bmm(x, x.mT)
 
 
@@ -335,7 +347,7 @@ def _bmm32(a: Tensor, b: Tensor) -> Tensor:
             return torch.bmm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
             pass
-    return torch.bmm(a.float(), b.float())
+    return torch.bmm(_as(a, torch.float32), _as(b, torch.float32))
 
 
 _ROW_FACTORS: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
@@ -369,7 +381,7 @@ def _mm32(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _scaled_rows(g: Tensor, c: Tensor) -> Tensor:
-    c = _row_factors(c.to(g.device), g.dtype)
+    c = _row_factors(c if c.device == g.device else c.to(g.device), g.dtype)
     return g * c.view(-1, *([1] * (g.dim() - 1)))
 
 
@@ -382,7 +394,11 @@ def _ghost_is_cheaper(positions: int, param_numel: int) -> bool:
 class _LinearKernel:
     @staticmethod
     def sequences(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        if a.dim() == 3 and g.dim() == 3:
+            return a, g
         batch = g.shape[0]
+        if a.dim() == 2:
+            return a.unsqueeze(1), g.unsqueeze(1)
         return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
 
     def merge(self, calls: Sequence[Call]) -> Call:
@@ -398,9 +414,9 @@ class _LinearKernel:
         positions, d, p = a.shape[1], a.shape[2], g.shape[2]
         out: dict[str, Tensor] = {}
         if positions == 1:
-            g2 = g.float().square().sum((1, 2))
+            g2 = _as(g, torch.float32).square().sum((1, 2))
             if "weight" in want:
-                out["weight"] = a.float().square().sum((1, 2)) * g2
+                out["weight"] = _as(a, torch.float32).square().sum((1, 2)) * g2
             if "bias" in want:
                 out["bias"] = g2
             return out
@@ -408,7 +424,7 @@ class _LinearKernel:
             if _ghost_is_cheaper(positions, p * d):
                 out["weight"] = (_gram(a) * _gram(g)).sum((1, 2))
             else:
-                out["weight"] = _bmm32(g.mT, a.to(g.dtype)).square().sum((1, 2))
+                out["weight"] = _bmm32(g.mT, _as(a, g.dtype)).square().sum((1, 2))
         if "bias" in want:
             out["bias"] = g.sum(1, dtype=torch.float32).square().sum(1)
         return out
@@ -419,7 +435,7 @@ class _LinearKernel:
         a, g = self.sequences(a, g)
         out: dict[str, Tensor] = {}
         if "weight" in want:
-            out["weight"] = _bmm32(g.mT, a.to(g.dtype))
+            out["weight"] = _bmm32(g.mT, _as(a, g.dtype))
         if "bias" in want:
             out["bias"] = g.sum(1, dtype=torch.float32)
         return out
@@ -433,7 +449,7 @@ class _LinearKernel:
         gw = None
         if cw is not None:
             gw = _scaled_rows(g, cw).flatten(0, 1)
-            out["weight"] = _mm32(gw.mT, a.flatten(0, 1).to(gw.dtype))
+            out["weight"] = _mm32(gw.mT, _as(a.flatten(0, 1), gw.dtype))
         cb = factors.get("bias")
         if cb is not None:
             gb = gw if cb is cw and gw is not None else _scaled_rows(g, cb).flatten(0, 1)
@@ -472,7 +488,7 @@ class _EmbeddingKernel:
         batch, dim = g.shape[0], g.shape[-1]
         rows = _scaled_rows(g.reshape(batch, -1, dim), factors["weight"]).reshape(-1, dim)
         out = torch.zeros(layer.weight.shape, device=g.device, dtype=torch.float32)
-        out.index_add_(0, ids.reshape(-1), rows.float())
+        out.index_add_(0, ids.reshape(-1), _as(rows, torch.float32))
         if layer.padding_idx is not None:
             out[layer.padding_idx] = 0
         return {"weight": out}
@@ -516,7 +532,7 @@ class _ConvKernel:
             if _ghost_is_cheaper(positions, layer.weight.numel()):
                 out["weight"] = (_gram(a) * _gram(g.mT)).sum((1, 2))
             else:
-                out["weight"] = _bmm32(g, a.to(g.dtype)).square().sum((1, 2))
+                out["weight"] = _bmm32(g, _as(a, g.dtype)).square().sum((1, 2))
         if "bias" in want:
             out["bias"] = g.sum(2, dtype=torch.float32).square().sum(1)
         return out
@@ -529,7 +545,7 @@ class _ConvKernel:
         out: dict[str, Tensor] = {}
         if "weight" in want:
             a = self.patches(layer, x)
-            out["weight"] = _bmm32(g, a.to(g.dtype)).view(batch, *layer.weight.shape)
+            out["weight"] = _bmm32(g, _as(a, g.dtype)).view(batch, *layer.weight.shape)
         if "bias" in want:
             out["bias"] = g.sum(2, dtype=torch.float32)
         return out
@@ -543,10 +559,10 @@ class _ConvKernel:
         if cw is not None:
             gw = _scaled_rows(g, cw)
             n = x.dim() - 2
-            w = layer.weight.to(gw.dtype)
+            w = _as(layer.weight, gw.dtype)
             out["weight"] = torch.ops.aten.convolution_backward(
                 gw,
-                x.to(gw.dtype),
+                _as(x, gw.dtype),
                 w,
                 None,
                 list(layer.stride),
@@ -798,7 +814,8 @@ class BookkeepingSampler:
                 with self.paused():
                     sq = unit.sampler.per_sample_sq_norms(unit.layer, call.inputs, call.grad_output)
             return {
-                q: v.float() * s2 if s2 != 1.0 else v.float() for q, v in unit.qualify(sq).items()
+                q: _as(v, torch.float32) * s2 if s2 != 1.0 else _as(v, torch.float32)
+                for q, v in unit.qualify(sq).items()
             }
         with self.paused():
             for c in unit.calls:
@@ -810,7 +827,11 @@ class BookkeepingSampler:
 
     def _materialised_sq_norms(self) -> dict[str, Tensor]:
         s2 = self._scale**2
-        return {q: v * s2 for q, v in sq_norms_of(self._materialised).items()}
+        out = {}
+        for q, g in self._materialised.items():
+            sq = _as(g.flatten(1), torch.float32).square().sum(1)
+            out[q] = sq * s2 if s2 != 1.0 else sq
+        return out
 
     def _unit_clipped_sums(self, unit: Unit, factors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         call = self._fast(unit)
@@ -841,8 +862,12 @@ class BookkeepingSampler:
 
     def _materialised_clipped_sums(self, factors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         scale = self._scale
-        scaled = {q: factors[q] * scale for q in self._materialised}
-        return weighted_sums(self._materialised, scaled)
+        out = {}
+        for q, g in self._materialised.items():
+            c = factors[q] * scale if scale != 1.0 else factors[q]
+            # one matrix-vector product: Σ_i c_i g_i
+            out[q] = (_as(c, g.dtype) @ g.flatten(1)).view(g.shape[1:])
+        return out
 
     def _complete(self, norms: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every covered parameter gets a norm (zeros where it got no gradient)."""
@@ -857,7 +882,7 @@ class BookkeepingSampler:
         out = {}
         for name, p in self._params.items():
             v = sums.get(name)
-            out[name] = torch.zeros_like(p) if v is None else v.to(p.dtype)
+            out[name] = torch.zeros_like(p) if v is None else _as(v, p.dtype)
         return out
 
     def clear(self) -> None:
