@@ -19,6 +19,8 @@ _LAZY: dict[str, str] = {
     "ModuleValidator": "dpcore.validate",
     "DPDDP": "dpcore.distributed",
     "get_noise_multiplier": "dpcore.accounting",
+    "accounting": "dpcore.accounting",
+    "choose_bands": "dpcore.correlated",
     "EngineConfig": "dpcore.config",
     "get_registry": "dpcore.registry",
     "reset_registry": "dpcore.registry",
