@@ -173,7 +173,6 @@ class ActivationCapture:
         self._batch_first_layer = batch_first_layer
         self.layers = trainable_layers(module) if layers is None else list(layers)
         self.paths = {m: path for path, m in self.layers}
-        self.param_names = trainable_parameter_names(module)
         self.pending: list[CapturedBatch] = []
         self._current: CapturedBatch | None = None
         self._paused = 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -52,10 +51,6 @@ def scaled(g: Tensor, factors: Tensor) -> Tensor:
     """``g`` with row ``i`` multiplied by ``factors[i]`` (in ``g``'s dtype)."""
     c = factors.to(device=g.device, dtype=g.dtype)
     return g * c.reshape(-1, *([1] * (g.dim() - 1)))
-
-
-def factor(factors: Mapping[str, Tensor], name: str) -> Tensor:
-    return factors[name]
 
 
 def to_param(t: Tensor, layer: nn.Module, name: str) -> Tensor:
