@@ -1,0 +1,53 @@
+"""A trainable parameter the grad sampler does not cover is refused at step, by name:
+created, replaced or unfrozen after make_private (e.g. a lazily built adapter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dpcore
+from dpcore.errors import PrivacyEngineError
+
+
+def _run(mode: str, change) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].bias.requires_grad_(False)
+    data = TensorDataset(torch.randn(8, 3), torch.randn(8, 2))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine = dpcore.PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, seed=0,
+    )  # fmt: skip
+    change(model)
+    for x, y in loader:
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _replace(model: nn.Module) -> None:
+    model[2].weight = nn.Parameter(torch.zeros_like(model[2].weight))
+
+
+def _unfreeze(model: nn.Module) -> None:
+    model[0].bias.requires_grad_(True)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk", "ghost", "functorch"])
+def test_replaced_parameter_is_refused_by_name(mode: str) -> None:
+    with pytest.raises(PrivacyEngineError, match=r"'2\.weight'"):
+        _run(mode, _replace)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_parameter_unfrozen_later_is_refused_by_name(mode: str) -> None:
+    with pytest.raises(PrivacyEngineError, match=r"'0\.bias'"):
+        _run(mode, _unfreeze)
+
+
+def test_unchanged_model_steps() -> None:
+    _run("bk", lambda model: None)
