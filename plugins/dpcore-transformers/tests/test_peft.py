@@ -129,3 +129,16 @@ def test_moved_before_or_after_make_private(when: str) -> None:
     for n in want:
         assert got[n].dtype == target
         assert torch.allclose(got[n], want[n], atol=1e-9, rtol=1e-6), n
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_lora_step_under_bf16_autocast(mode: str) -> None:
+    """Under autocast the clipped update stays the micro-batch oracle's (bf16 tolerance)."""
+    model = lora_gpt2()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _oracle_update(model, token_batch())
+        _, private, opt, batch = _make_private(model, mode)
+        got = _step(private, opt, batch)
+    for n in want:
+        scale = float(want[n].abs().max())
+        assert float((got[n] - want[n]).abs().max()) <= 0.05 * scale + 1e-6, n

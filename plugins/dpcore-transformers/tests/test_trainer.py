@@ -99,3 +99,26 @@ def test_resume_is_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
         full.model.named_parameters(), resumed.model.named_parameters(), strict=True
     ):
         assert torch.equal(a, b), n
+
+
+def test_lora_under_bf16(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        FAMILIES["gpt2"].build(),
+        peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    )
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        num_train_epochs=1, learning_rate=1e-2, report_to=[], use_cpu=True, bf16=True,
+        save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = DPTrainer(
+        model=model, args=args, train_dataset=Texts(), data_collator=default_data_collator,
+        privacy=PrivacyArguments(noise_multiplier=1.0, seed=0),
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.engine.steps == trainer.state.global_step == 3
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    gs = trainer.engine.grad_sampler
+    assert gs.named_parameters() and all("lora_" in n for n in gs.named_parameters())
