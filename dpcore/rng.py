@@ -55,6 +55,11 @@ def standard_normal(
     slow for large models; that is the price of a cryptographic source.
     """
     if not secure:
+        if generator is not None and torch.device(device).type != generator.device.type:
+            # the model moved to another device after its generator was made (e.g. .cuda()
+            # after make_private): draw on the generator's device, same stream, then move
+            out = torch.randn(shape, generator=generator, device=generator.device)
+            return out.to(device)
         return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     n = math.prod(shape)
     pairs = (n + 1) // 2

@@ -51,3 +51,15 @@ def test_parameter_unfrozen_later_is_refused_by_name(mode: str) -> None:
 
 def test_unchanged_model_steps() -> None:
     _run("bk", lambda model: None)
+
+
+def test_noise_follows_a_model_moved_after_make_private() -> None:
+    """The noise generator was made on the model's device at make_private; after a move
+    (.cuda()) the same stream is drawn on the generator's device and moved."""
+    from dpcore.rng import standard_normal
+
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    moved = standard_normal((4, 2), generator=g1, device="meta")
+    assert moved.device.type == "meta" and moved.dtype == torch.float32
+    standard_normal((4, 2), generator=g2, device="cpu")
+    assert torch.equal(g1.get_state(), g2.get_state())  # the same draw was consumed

@@ -142,3 +142,21 @@ def test_lora_step_under_bf16_autocast(mode: str) -> None:
     for n in want:
         scale = float(want[n].abs().max())
         assert float((got[n] - want[n]).abs().max()) <= 0.05 * scale + 1e-6, n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_moved_to_cuda_before_or_after_make_private(when: str) -> None:
+    model = lora_gpt2()
+    if when == "before":
+        model.cuda()
+    _, private, opt, (ids, mask, labels) = _make_private(model, "bk")
+    if when == "after":
+        private.cuda()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    logits = private(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits
+    causal_lm_loss(logits, labels.cuda()).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.is_cuda and not torch.equal(p, before[n]), n
