@@ -497,3 +497,29 @@ def test_autocast_bfloat16_with_normalisation_layers() -> None:
             norms[name].sqrt(), g.flatten(1).norm(dim=1), atol=0.01 * total, rtol=0.05
         )
     gs.detach()
+
+
+class MaskedLinear(nn.Linear):
+    """A subclass that changes the computation: the Linear formulas would be wrong."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * torch.tensor([[1.0, 0.0, 2.0]]), self.bias)
+
+
+class PlainSubclass(nn.Linear):
+    """A subclass that only adds a method keeps the Linear sampler."""
+
+    def describe(self) -> str:
+        return "plain"
+
+
+def test_subclass_overriding_forward_does_not_inherit_the_base_sampler() -> None:
+    from dpcore.builtins.grad_samplers.hooks import exact_layer_sampler
+    from dpcore.builtins.layer_samplers import LinearGradSampler
+
+    registry = dpcore.get_registry()
+    assert exact_layer_sampler(registry, MaskedLinear(3, 2)) is None
+    assert isinstance(exact_layer_sampler(registry, PlainSubclass(3, 2)), LinearGradSampler)
+    torch.manual_seed(15)
+    model = nn.Sequential(MaskedLinear(3, 2), nn.Tanh(), PlainSubclass(2, 2))
+    run_and_compare("hooks", model, torch.randn(4, 3), torch.randn(4, 2), sq_loss())

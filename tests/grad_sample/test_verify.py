@@ -65,9 +65,18 @@ class Odd(nn.Linear):
 
 def test_wrong_layer_sampler_is_named_by_module_path(monkeypatch: pytest.MonkeyPatch) -> None:
     info = PluginInfo(
-        "layer_grad_sampler", "Odd", "tests", "", "tests", "tests", obj=WrongSampler()
+        "layer_grad_sampler",
+        "Odd",
+        "tests",
+        "",
+        "tests",
+        "tests",
+        obj=WrongSampler(),
+        module_type=Odd,
     )
-    monkeypatch.setitem(dpcore.get_registry()._layer_types, Odd, info)
+    registry = dpcore.get_registry()
+    monkeypatch.setitem(registry._entries, ("layer_grad_sampler", "Odd"), info)
+    monkeypatch.setitem(registry._layer_types, Odd, info)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
     model.add_module("head", Odd(6, 3))
     report = check_per_sample_gradients(model, *data(), nn.CrossEntropyLoss(), "hooks")
