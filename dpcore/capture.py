@@ -71,6 +71,19 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def exact_layer_sampler(registry: Any, layer: nn.Module) -> Any | None:
+    """The layer grad sampler registered for ``layer``'s type or a base type, but only if
+    the layer computes what that base computes: a subclass that overrides ``forward``
+    (``class Masked(nn.Linear)`` multiplying its weight by a mask) would get the base's
+    formulas and wrong gradients, so it gets the torch.func fallback instead."""
+    by_type = {e.module_type: e.obj for e in registry.entries("layer_grad_sampler")}
+    for base in type(layer).__mro__:
+        sampler = by_type.get(base)
+        if sampler is not None:
+            return sampler if type(layer).forward is base.forward else None
+    return None
+
+
 def first_tensor(tree: Any) -> Tensor | None:
     for leaf in pytree.tree_leaves(tree):
         if isinstance(leaf, Tensor):

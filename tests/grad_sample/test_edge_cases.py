@@ -514,8 +514,8 @@ class PlainSubclass(nn.Linear):
 
 
 def test_subclass_overriding_forward_does_not_inherit_the_base_sampler() -> None:
-    from dpcore.builtins.grad_samplers.hooks import exact_layer_sampler
     from dpcore.builtins.layer_samplers import LinearGradSampler
+    from dpcore.capture import exact_layer_sampler
 
     registry = dpcore.get_registry()
     assert exact_layer_sampler(registry, MaskedLinear(3, 2)) is None

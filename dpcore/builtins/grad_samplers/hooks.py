@@ -22,6 +22,7 @@ from dpcore.capture import (
     CapturedBatch,
     LayerCall,
     LossReduction,
+    exact_layer_sampler,
     trainable_layers,
 )
 from dpcore.errors import GradSampleError
@@ -37,19 +38,6 @@ def _signature(layer_type: Any) -> inspect.Signature | None:
         return inspect.signature(layer_type.forward)
     except (TypeError, ValueError):
         return None
-
-
-def exact_layer_sampler(registry: Any, layer: nn.Module) -> Any | None:
-    """The layer grad sampler registered for ``layer``'s type or a base type, but only if
-    the layer computes what that base computes: a subclass that overrides ``forward``
-    (``class Masked(nn.Linear)`` multiplying its weight by a mask) would get the base's
-    formulas and wrong gradients, so it gets the torch.func fallback instead."""
-    by_type = {e.module_type: e.obj for e in registry.entries("layer_grad_sampler")}
-    for base in type(layer).__mro__:
-        sampler = by_type.get(base)
-        if sampler is not None:
-            return sampler if type(layer).forward is base.forward else None
-    return None
 
 
 def positional_inputs(layer: nn.Module, call: LayerCall) -> tuple[Any, ...]:
