@@ -768,6 +768,8 @@ class BookkeepingSampler:
                 ", or keep the batch dimension first (batch_first)."
             )
         self._batch_size = batch
+        if batch == 0:  # an empty batch contributes nothing: zero norms rows, zero sums
+            return
         call = Call(tuple(self._to_front(unit, x) for x in inputs), g)
         self._consume(unit, call)
 
@@ -876,6 +878,84 @@ class BookkeepingSampler:
         for name, p in self._params.items():
             v = norms.get(name)
             out[name] = v if v is not None else torch.zeros(batch, device=p.device)
+        return out
+
+    # -- tied input/output embeddings (a language model's head sharing the embedding) ------
+    def _tied_pairs(self) -> list[tuple[Unit, Unit]]:
+        """``(embedding unit, linear unit)`` pairs whose only shared parameter is one weight
+        used by exactly these two layers, both run by dpcore's kernels, both recorded
+        (not instantiated eagerly): GPT-2's ``wte`` and ``lm_head``."""
+        users: dict[int, list[Unit]] = {}
+        for unit in self.units:
+            if unit.shared:
+                for local in unit.names:
+                    users.setdefault(id(unit.layer._parameters[local]), []).append(unit)
+        pairs = []
+        eager = getattr(self, "_eager", {})
+        for units in users.values():
+            if len(units) != 2:
+                continue
+            emb = next((u for u in units if isinstance(u.kernel, _EmbeddingKernel)), None)
+            lin = next((u for u in units if isinstance(u.kernel, _LinearKernel)), None)
+            if emb is None or lin is None or emb.layer.weight is not lin.layer.weight:
+                continue
+            if any(eager.get(id(u)) for u in (emb, lin)) or not (emb.calls or lin.calls):
+                continue
+            if sum(len(users.get(id(p), ())) > 0 for p in lin.layer.parameters(False)) != 1:
+                continue  # the head shares more than its weight
+            pairs.append((emb, lin))
+        return pairs
+
+    def _tied_sq_norms(self, emb: Unit, lin: Unit) -> dict[str, Tensor] | None:
+        """``||G_emb + G_lin||² = ||G_emb||² + ||G_lin||² + 2<G_emb, G_lin>`` per sample,
+        with ``<G_emb, G_lin> = Σ_{t,s} g_lin[s, id_t] (g_emb[t] · a[s])`` (``T x S``
+        per sample): no ``V x D`` per-sample gradient is formed. None: materialise."""
+        for unit in (emb, lin):
+            if len(unit.calls) > 1:
+                unit.calls = [unit.kernel.merge(unit.calls)]
+        name = emb.names["weight"]
+        want = {"weight"}
+        norms: dict[str, Tensor] = {}
+        if emb.calls:
+            ids, ge = emb.calls[0].inputs[0], emb.calls[0].grad_output
+            sq = emb.kernel.sq_norms(emb.layer, ids, ge, want)
+            if sq is None:
+                return None
+            norms[name] = _as(sq["weight"], torch.float32)
+        if lin.calls:
+            a, gl = lin.calls[0].inputs[0], lin.calls[0].grad_output
+            lin_want = {n for n in lin.names if lin.layer._parameters[n].requires_grad}
+            for local, v in lin.kernel.sq_norms(lin.layer, a, gl, lin_want).items():
+                q = lin.names[local]
+                norms[q] = norms[q] + _as(v, torch.float32) if q in norms else _as(v, torch.float32)
+        if emb.calls and lin.calls:
+            batch = ge.shape[0]
+            ids = ids.reshape(batch, -1)
+            ge = ge.reshape(batch, ids.shape[1], -1)
+            a, gl = _LinearKernel.sequences(a, gl)
+            mixed = _bmm32(ge, a.mT.to(ge.dtype))  # [B, T, S]: g_emb[t] · a[s]
+            picked = gl.gather(2, ids[:, None, :].expand(batch, gl.shape[1], ids.shape[1]))
+            cross = mixed * _as(picked.mT, torch.float32)  # [B, T, S]
+            if emb.layer.padding_idx is not None:
+                cross = cross * (ids != emb.layer.padding_idx)[:, :, None]
+            norms[name] = norms[name] + 2 * cross.sum((1, 2))
+        s2 = self._scale**2
+        return {q: v * s2 for q, v in norms.items()} if s2 != 1.0 else norms
+
+    def _tied_clipped_sums(
+        self, emb: Unit, lin: Unit, factors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Both uses' clipped sums, added (one factor per sample for the shared weight)."""
+        out: dict[str, Tensor] = {}
+        for unit in (emb, lin):
+            if not unit.calls:
+                continue
+            call = unit.calls[0]
+            local = self._local_factors(unit, factors)
+            sums = unit.kernel.clipped_sums(unit.layer, call.inputs[0], call.grad_output, local)
+            for q, v in unit.qualify(sums).items():
+                v = _as(v, torch.float32)
+                out[q] = out[q] + v if q in out else v
         return out
 
     def _complete_sums(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:

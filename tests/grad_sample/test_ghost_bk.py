@@ -402,3 +402,55 @@ def test_bk_instantiates_small_layers_during_backward(conv: type[nn.Module]) -> 
     eager = {u.path: gs._eager[id(u)] for u in gs.units}
     assert eager == {"0": True, "3": False}
     assert not gs.units[0].calls and gs.units[1].calls
+
+
+class ReusedConv(nn.Module):
+    """A convolution applied twice (its calls cannot be merged: materialised and summed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reused_convolution(mode: str) -> None:
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(4, 3, 8, generator=g), torch.randint(2, (4,), generator=g)
+    check(mode, ReusedConv, x, y, ce_per_sample)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_model_called_twice_before_backward(mode: str) -> None:
+    """Two forwards of the same batch and one backward: contributions add up per sample."""
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(5, 6, generator=g), torch.randint(5, (5,), generator=g)
+
+    def twice(out: Tensor, t: Tensor) -> Tensor:
+        return ce_per_sample(out, t)
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, inp: Tensor) -> Tensor:
+            return self.net(inp) + self.net(inp * 0.5)
+
+    check(mode, Twice, x, y, twice)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch(mode: str) -> None:
+    model = TinyGPT().to(DEVICE)
+    gs = make(mode, model)
+    ids = torch.zeros(0, 5, dtype=torch.long, device=DEVICE)
+    ce_per_sample(model(ids), ids).sum().backward()
+    norms = gs.per_sample_sq_norms()
+    assert all(v.shape == (0,) for v in norms.values())
+    sums = gs.clipped_sums({n: torch.zeros(0, device=DEVICE) for n in norms})
+    assert set(sums) == set(gs.named_parameters())
+    assert all(not v.any() for v in sums.values())

@@ -29,8 +29,11 @@ class BookKeepingGradSampler(BookkeepingSampler):
         super().__init__()
         self._norms: dict[str, Tensor] | None = None
         self._eager: dict[int, bool] = {}  # per unit, decided at its first call of a batch
+        self._tied: list[tuple[Unit, Unit]] = []  # tied embedding/head pairs of the batch
 
     def has_pending(self) -> bool:
+        if self._batch_size == 0:
+            return True  # an empty batch is pending until clipped (zero sums)
         return bool(self._materialised) or any(unit.calls for unit in self.units)
 
     def _consume(self, unit: Unit, call: Call) -> None:
@@ -66,8 +69,16 @@ class BookKeepingGradSampler(BookkeepingSampler):
     def per_sample_sq_norms(self) -> dict[str, Tensor]:
         if self._norms is None:
             norms: dict[str, Tensor] = {}
+            # tied embedding + head: norms with a cross term, no per-sample V x D gradients
+            self._tied = []
+            for emb, lin in self._tied_pairs():
+                tied = self._tied_sq_norms(emb, lin)
+                if tied is not None:
+                    norms.update(tied)
+                    self._tied.append((emb, lin))
+            tied_units = {id(u) for pair in self._tied for u in pair}
             for unit in self.units:
-                if unit.calls:
+                if unit.calls and id(unit) not in tied_units:
                     norms.update(self._unit_sq_norms(unit))
             norms.update(self._materialised_sq_norms())
             self._norms = self._complete(norms)
@@ -77,8 +88,11 @@ class BookKeepingGradSampler(BookkeepingSampler):
         if self._norms is None:  # the materialised contributions are formed there
             self.per_sample_sq_norms()
         sums: dict[str, Tensor] = {}
+        tied_units = {id(u) for pair in self._tied for u in pair}
+        for emb, lin in self._tied:
+            sums.update(self._tied_clipped_sums(emb, lin, factors))
         for unit in self.units:
-            if unit.calls:
+            if unit.calls and id(unit) not in tied_units:
                 sums.update(self._unit_clipped_sums(unit, factors))
         sums.update(self._materialised_clipped_sums(factors))
         out = self._complete_sums(sums)
@@ -89,6 +103,7 @@ class BookKeepingGradSampler(BookkeepingSampler):
         super().clear()
         self._norms = None
         self._eager = {}
+        self._tied = []
 
 
 def register_grad_samplers(register: Register) -> None:
