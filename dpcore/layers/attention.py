@@ -67,6 +67,24 @@ class DPMultiheadAttention(nn.Module):
             if seq_bias is not None:
                 nn.init.xavier_normal_(seq_bias.bias.view(1, 1, -1))
 
+    def torch_parameter_names(self) -> dict[str, list[str]]:
+        """``{torch name: [our names]}`` (``in_proj_weight`` is split in three)."""
+        ours = dict(self.named_parameters())
+        names: dict[str, list[str]] = {}
+        if self.kdim == self.embed_dim and self.vdim == self.embed_dim:
+            names["in_proj_weight"] = [f"{x}_proj.weight" for x in "qkv"]
+        else:
+            names.update({f"{x}_proj_weight": [f"{x}_proj.weight"] for x in "qkv"})
+        if "q_proj.bias" in ours:
+            names["in_proj_bias"] = [f"{x}_proj.bias" for x in "qkv"]
+        for x in "kv":
+            if f"seq_bias_{x}.bias" in ours:
+                names[f"bias_{x}"] = [f"seq_bias_{x}.bias"]
+        for kind in ("weight", "bias"):
+            if f"out_proj.{kind}" in ours:
+                names[f"out_proj.{kind}"] = [f"out_proj.{kind}"]
+        return names
+
     def _accept_torch_keys(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Rename ``nn.MultiheadAttention`` keys to ours."""
         e = self.embed_dim

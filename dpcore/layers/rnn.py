@@ -110,6 +110,17 @@ class DPRNNBase(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
+    def torch_parameter_names(self) -> dict[str, list[str]]:
+        """``{torch name: [our names]}``, e.g. ``weight_ih_l0_reverse -> [cells.1.ih.weight]``
+        (to carry ``requires_grad`` or optimizer state over from a torch module)."""
+        names: dict[str, list[str]] = {}
+        for own, _ in self.named_parameters():
+            _, index, part, kind = own.split(".")
+            layer, direction = divmod(int(index), self.num_directions)
+            suffix = "_reverse" if direction else ""
+            names[f"{kind}_{part}_l{layer}{suffix}"] = [own]
+        return names
+
     def _accept_torch_keys(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Rename ``nn.RNN/GRU/LSTM`` keys (``weight_ih_l0_reverse``) to ours."""
         for key in [k for k in state_dict if k.startswith(prefix)]:

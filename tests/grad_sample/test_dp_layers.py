@@ -93,3 +93,28 @@ def test_constructor_errors_like_torch() -> None:
         DPMultiheadAttention(7, 2)
     with pytest.raises(ValueError):
         DPRNN(3, 4, nonlinearity="gelu")
+
+
+@pytest.mark.parametrize(
+    ("torch_module", "dp_module"),
+    [
+        (
+            nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2),
+            DPLSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2),
+        ),
+        (nn.GRU(3, 4, bias=False), DPGRU(3, 4, bias=False)),
+        (
+            nn.MultiheadAttention(8, 2, add_bias_kv=True),
+            DPMultiheadAttention(8, 2, add_bias_kv=True),
+        ),
+        (nn.MultiheadAttention(8, 2, kdim=3, vdim=5), DPMultiheadAttention(8, 2, kdim=3, vdim=5)),
+    ],
+)
+def test_torch_parameter_names_cover_both_sides(
+    torch_module: nn.Module, dp_module: nn.Module
+) -> None:
+    names = dp_module.torch_parameter_names()
+    assert set(names) == {n for n, _ in torch_module.named_parameters()}
+    assert sorted(n for group in names.values() for n in group) == sorted(
+        n for n, _ in dp_module.named_parameters()
+    )
