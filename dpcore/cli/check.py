@@ -101,6 +101,7 @@ def check(
         None, help="'mean' or 'sum' (default: the factory's, else mean)"
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="print every mismatch"),
+    as_json: bool = typer.Option(False, "--json", help="print the reports as JSON instead"),
 ) -> None:
     """Check per-sample gradients of a model against micro-batches of size one."""
     from rich.table import Table
@@ -131,6 +132,18 @@ def check(
             )
             for mode in modes
         ]
+
+    if as_json:
+        import dataclasses
+        import json
+
+        payload = [dataclasses.asdict(r) | {"ok": r.ok} for r in reports]
+        typer.echo(json.dumps(payload, indent=2, default=str))
+        served = [r for r in reports if r.error is None]
+        bad = any(r.mismatches or r.batch_mixing for r in reports)
+        raise typer.Exit(
+            1 if bad or not served or (grad_sample_mode and len(served) < len(reports)) else 0
+        )
 
     table = Table(title=f"per-sample gradients of {target} vs micro-batches")
     table.add_column("grad sampler")

@@ -302,3 +302,16 @@ def test_parameter_used_outside_its_layer_is_a_mismatch_for_hooks_only() -> None
     report = check_per_sample_gradients(Direct(), x, y, nn.MSELoss(), "hooks")
     assert report.mismatched_parameters == ["lin.weight"]
     assert check_per_sample_gradients(Direct(), x, y, nn.MSELoss(), "functorch").ok
+
+
+def test_cli_json(user_dir: Path) -> None:
+    import json
+
+    result = run(f"{user_dir / 'user_models.py'}:good", "-m", "hooks", "-m", "functorch", "--json")
+    assert result.exit_code == 0, result.output
+    reports = json.loads(result.output)
+    assert [r["grad_sample_mode"] for r in reports] == ["hooks", "functorch"]
+    assert all(r["ok"] and r["parameters"] for r in reports)
+    result = run(f"{user_dir / 'user_models.py'}:wrong_reduction", "-m", "hooks", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.output)[0]["mismatches"][0]["name"] == "0.0.weight"
