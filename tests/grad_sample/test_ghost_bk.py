@@ -454,3 +454,18 @@ def test_empty_batch(mode: str) -> None:
     sums = gs.clipped_sums({n: torch.zeros(0, device=DEVICE) for n in norms})
     assert set(sums) == set(gs.named_parameters())
     assert all(not v.any() for v in sums.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_public_checker_accepts_fast_modes(mode: str) -> None:
+    from dpcore.verify import check_per_sample_gradients
+
+    x, y = seq_data()
+    report = check_per_sample_gradients(
+        TinyGPT(tied=True),
+        x,
+        y,
+        lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten()),
+        grad_sample_mode=mode,
+    )
+    assert report.ok, str(report)
