@@ -901,7 +901,7 @@ class BookkeepingSampler:
                 continue
             if any(eager.get(id(u)) for u in (emb, lin)) or not (emb.calls or lin.calls):
                 continue
-            if sum(len(users.get(id(p), ())) > 0 for p in lin.layer.parameters(False)) != 1:
+            if sum(len(users.get(id(p), ())) > 1 for p in lin.layer.parameters(False)) != 1:
                 continue  # the head shares more than its weight
             pairs.append((emb, lin))
         return pairs
