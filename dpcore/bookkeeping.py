@@ -950,6 +950,8 @@ class BookkeepingSampler:
         for unit in (emb, lin):
             if not unit.calls:
                 continue
+            if len(unit.calls) > 1:
+                unit.calls = [unit.kernel.merge(unit.calls)]
             call = unit.calls[0]
             local = self._local_factors(unit, factors)
             sums = unit.kernel.clipped_sums(unit.layer, call.inputs[0], call.grad_output, local)

@@ -1,4 +1,4 @@
-"""bk: a language model's head tied to its input embedding (GPT-2's wte = lm_head) gets
+"""bk and ghost: a language model's head tied to its input embedding (GPT-2's wte = lm_head) gets
 exact per-sample norms and clipped sums without materialising V x D per-sample
 gradients (the norms' cross term between the two uses is computed directly)."""
 
@@ -36,25 +36,29 @@ def lm_loss(reduction: str):  # type: ignore[no-untyped-def]
     return loss
 
 
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
 @pytest.mark.parametrize("padding_idx", [None, 0])
 @pytest.mark.parametrize("head_bias", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_tied_head_is_exact(padding_idx: int | None, head_bias: bool, reduction: str) -> None:
+def test_tied_head_is_exact(
+    mode: str, padding_idx: int | None, head_bias: bool, reduction: str
+) -> None:
     torch.manual_seed(0)
     model = TiedLM(padding_idx, head_bias)
     ids = torch.randint(0, 11, (4, 5))
     ids[0, :2] = 0  # some padding ids (when padding_idx=0)
     report = check_per_sample_gradients(
-        model, ids, ids, lm_loss(reduction), grad_sample_mode="bk", loss_reduction=reduction
+        model, ids, ids, lm_loss(reduction), grad_sample_mode=mode, loss_reduction=reduction
     )
     assert report.ok, report.summary()
 
 
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
 @pytest.mark.parametrize("head_bias", [False, True])
-def test_tied_head_materialises_nothing(head_bias: bool) -> None:
+def test_tied_head_materialises_nothing(mode: str, head_bias: bool) -> None:
     torch.manual_seed(1)
     model = TiedLM(None, head_bias)
-    gs = dpcore.get_registry().create("grad_sampler", "bk", {})
+    gs = dpcore.get_registry().create("grad_sampler", mode, {})
     gs.attach(model)
     ids = torch.randint(0, 11, (3, 5))
     lm_loss("mean")(model(ids), ids).backward()

@@ -47,6 +47,7 @@ class GhostGradSampler(BookkeepingSampler):
         self._norms: dict[str, Tensor] | None = None
         self._forward_calls: dict[int, int] = {}
         self._materialising: set[int] = set()
+        self._tied: list[tuple[Unit, Unit]] = []  # tied embedding/head pairs of the batch
 
     def attach(
         self, module: nn.Module, *, batch_first: bool = True, loss_reduction: LossReduction = "mean"
@@ -137,6 +138,14 @@ class GhostGradSampler(BookkeepingSampler):
             self._acc, self._materialised = {}, {}
             self._run_pass("norms")
             norms = self._acc
+            # tied embedding + head (GPT-2): a cross term instead of V x D per-sample grads
+            self._tied = []
+            for emb, lin in self._tied_pairs():
+                tied = self._tied_sq_norms(emb, lin)
+                if tied is not None:
+                    norms.update(tied)
+                    self._tied.append((emb, lin))
+                    emb.calls, lin.calls = [], []  # recorded again by the second pass
             for unit in self.units:
                 if unit.calls:
                     if unit.shared or (
@@ -155,8 +164,11 @@ class GhostGradSampler(BookkeepingSampler):
         self._acc, self._factors = {}, factors
         self._run_pass("sums")
         sums = self._acc
+        tied_units = {id(u) for pair in self._tied for u in pair}
+        for emb, lin in self._tied:
+            sums.update(self._tied_clipped_sums(emb, lin, factors))
         for unit in self.units:
-            if unit.calls:
+            if unit.calls and id(unit) not in tied_units:
                 sums.update(self._unit_clipped_sums(unit, factors))
         sums.update(self._materialised_clipped_sums(factors))
         out = self._complete_sums(sums)
@@ -172,6 +184,7 @@ class GhostGradSampler(BookkeepingSampler):
         self._factors = {}
         self._forward_calls = {}
         self._materialising = set()
+        self._tied = []
 
 
 def register_grad_samplers(register: Register) -> None:
