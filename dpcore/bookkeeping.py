@@ -937,7 +937,7 @@ class BookkeepingSampler:
             picked = gl.gather(2, ids[:, None, :].expand(batch, gl.shape[1], ids.shape[1]))
             cross = mixed * _as(picked.mT, torch.float32)  # [B, T, S]
             if emb.layer.padding_idx is not None:
-                cross = cross * (ids != emb.layer.padding_idx)[:, :, None]
+                cross = cross * ids.ne(emb.layer.padding_idx)[:, :, None]
             norms[name] = norms[name] + 2 * cross.sum((1, 2))
         s2 = self._scale**2
         return {q: v * s2 for q, v in norms.items()} if s2 != 1.0 else norms

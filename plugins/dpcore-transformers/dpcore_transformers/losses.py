@@ -74,7 +74,7 @@ def use_per_sample_loss(model: nn.Module, reduction: str = "mean") -> nn.Module:
     Only causal language models are changed; sequence-classification losses are
     already means of per-sample losses.
     """
-    target = model
+    target: Any = model  # a PEFT wrapper's base_model chain leads to the transformers model
     while not hasattr(type(target), "loss_function") and hasattr(target, "base_model"):
         inner = target.base_model
         if inner is target:
@@ -102,7 +102,7 @@ def use_per_sample_loss(model: nn.Module, reduction: str = "mean") -> nn.Module:
     for sub in model.modules():  # the PEFT wrapper and the transformers model inside
         if hasattr(type(sub), "loss_function") and isinstance(sub, nn.Module):
             try:
-                sub.loss_function = loss_function
+                sub.loss_function = loss_function  # type: ignore[assignment]
             except AttributeError:
                 pass
     return model

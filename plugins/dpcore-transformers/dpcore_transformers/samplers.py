@@ -85,7 +85,7 @@ class Conv1DGradSampler(MaterializingLayerGradSampler):
         )
         if "weight" in out:
             out["weight"] = out["weight"].T
-        return {n: t.to(layer._parameters[n].dtype) for n, t in out.items()}
+        return {n: t.to(layer.weight.dtype) for n, t in out.items()}
 
     merge_calls = staticmethod(LinearGradSampler.merge_calls)
 

@@ -136,6 +136,7 @@ class DPTrainer(Trainer):
         self.args.ignore_data_skip = True
         self.engine = dpcore.PrivacyEngine(accountant=self.privacy.accountant)
         self.private_loader: Any = None
+        assert self.model is not None, "DPTrainer needs a model"
         self._causal_lm = has_per_sample_lm_loss(use_per_sample_loss(self.model))
         self.add_callback(_PrivacyCallback(self))
 
