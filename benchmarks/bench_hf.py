@@ -214,7 +214,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=None)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (stable timings on a shared CPU)"
+    )
     args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
 
     from transformers.pytorch_utils import Conv1D
 
