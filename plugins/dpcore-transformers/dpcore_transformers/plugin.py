@@ -6,7 +6,7 @@ import importlib
 
 from dpcore.hookspecs import Register, hookimpl
 
-from .samplers import Conv1DGradSampler, HFRMSNormGradSampler
+from .samplers import Conv1DGradSampler, HFRMSNormGradSampler, ViTEmbeddingsGradSampler
 
 #: RMSNorm classes computing ``weight * (x / rms(x))`` (module, class name)
 RMS_NORMS = [
@@ -24,6 +24,13 @@ def dpcore_register_layer_grad_samplers(register: Register) -> None:
         Conv1D,
         Conv1DGradSampler(),
         description="GPT-2's transposed linear layer; ghost norms and book-keeping taps",
+    )
+    from transformers.models.vit.modeling_vit import ViTEmbeddings
+
+    register(
+        ViTEmbeddings,
+        ViTEmbeddingsGradSampler(),
+        description="ViT class token, position and mask embeddings (output-gradient slices)",
     )
     rms = HFRMSNormGradSampler()
     for module_name, class_name in RMS_NORMS:

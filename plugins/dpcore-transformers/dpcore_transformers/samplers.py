@@ -117,3 +117,58 @@ class HFRMSNormGradSampler(MaterializingLayerGradSampler):
         x_hat = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         grad = (g.float() * x_hat.float()).reshape(g.shape[0], -1, g.shape[-1]).sum(1)
         return {"weight": grad.to(weight.dtype)}
+
+
+class ViTEmbeddingsGradSampler(MaterializingLayerGradSampler):
+    """``ViTEmbeddings``' own parameters: ``cls_token`` and ``position_embeddings`` are
+    added to the patch embeddings, so sample ``i``'s gradients are slices of its output
+    gradient (``g[:, 0]`` and ``g``); ``mask_token`` (masked image modelling) from the
+    ``bool_masked_pos`` input. Exact without running the layer again.
+
+    Refuses what cannot be recovered from the output gradient: dropout active after
+    the additions (``hidden_dropout_prob > 0`` in training), interpolated position
+    embeddings, and a trainable ``mask_token`` when the mask was not recorded."""
+
+    def per_sample_grads(
+        self, layer: nn.Module, inputs: Sequence[Tensor], grad_output: Tensor
+    ) -> dict[str, Tensor]:
+        from dpcore.errors import GradSampleError
+
+        g = grad_output
+        dropout = getattr(layer, "dropout", None)
+        if layer.training and dropout is not None and dropout.p > 0:
+            raise GradSampleError(
+                "ViTEmbeddings applies dropout after adding cls_token and "
+                "position_embeddings, so their per-sample gradients cannot be recovered: set "
+                "config.hidden_dropout_prob = 0 (the default), or freeze "
+                "embeddings.cls_token and embeddings.position_embeddings"
+            )
+        out: dict[str, Tensor] = {}
+        pos = layer._parameters.get("position_embeddings")
+        if pos is not None and pos.requires_grad:
+            if g.shape[1:] != pos.shape[1:]:
+                raise GradSampleError(
+                    "ViTEmbeddings interpolated its position embeddings (another image "
+                    "size): their per-sample gradients are not supported; train at the "
+                    "configured image size or freeze embeddings.position_embeddings"
+                )
+            out["position_embeddings"] = g.unsqueeze(1).to(pos.dtype)
+        cls = layer._parameters.get("cls_token")
+        if cls is not None and cls.requires_grad:
+            out["cls_token"] = g[:, :1].unsqueeze(1).to(cls.dtype)
+        mask_token = layer._parameters.get("mask_token")
+        if mask_token is not None and mask_token.requires_grad:
+            if len(inputs) < 2:
+                raise GradSampleError(
+                    "ViTEmbeddings.mask_token is trainable but the grad sampler did not "
+                    "record bool_masked_pos (a keyword argument): use grad_sample_mode='hooks' "
+                    "or freeze embeddings.mask_token"
+                )
+            mask = inputs[1]
+            if isinstance(mask, Tensor):
+                m = mask.unsqueeze(-1).to(g.dtype)
+                grad = (g[:, 1:] * m).sum(1, keepdim=True).unsqueeze(1)
+            else:
+                grad = torch.zeros(g.shape[0], *mask_token.shape, dtype=g.dtype, device=g.device)
+            out["mask_token"] = grad.to(mask_token.dtype)
+        return out
