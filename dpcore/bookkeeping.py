@@ -113,6 +113,11 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
+def _trainable(layer: nn.Module, name: str) -> bool:
+    p = layer._parameters.get(name)
+    return p is not None and p.requires_grad
+
+
 def _no_autocast(device_type: str) -> Any:
     """Autocast off inside a tap (its casts are explicit); free when it is off already."""
     if torch.is_autocast_enabled(device_type):
@@ -273,7 +278,11 @@ class _Tap(torch.autograd.Function):
         bias: Tensor | None,
     ) -> Tensor:
         dtype = op.dtype(x)
-        xc, wc, bc = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+        xc, wc, bc = (
+            _as(x, dtype) if dtype else x,
+            _as(weight, dtype) if dtype else weight,
+            _cast(bias, dtype),
+        )
         with _no_autocast(x.device.type):
             out, extra = op.forward(unit.layer, xc, wc, bc)
         ctx.core, ctx.unit, ctx.op, ctx.has_bias = core, unit, op, bc is not None
@@ -409,7 +418,7 @@ class _LinearKernel:
             (torch.cat([a.to(dtype) for a, _ in seqs], 1),), torch.cat([g for _, g in seqs], 1)
         )
 
-    def sq_norms(self, layer: nn.Module, a: Tensor, g: Tensor, want: set[str]) -> dict[str, Tensor]:
+    def sq_norms(self, layer: Any, a: Tensor, g: Tensor, want: set[str]) -> dict[str, Tensor]:
         a, g = self.sequences(a, g)
         positions, d, p = a.shape[1], a.shape[2], g.shape[2]
         out: dict[str, Tensor] = {}
@@ -430,7 +439,7 @@ class _LinearKernel:
         return out
 
     def per_sample_grads(
-        self, layer: nn.Module, a: Tensor, g: Tensor, want: set[str]
+        self, layer: Any, a: Tensor, g: Tensor, want: set[str]
     ) -> dict[str, Tensor]:
         a, g = self.sequences(a, g)
         out: dict[str, Tensor] = {}
@@ -441,7 +450,7 @@ class _LinearKernel:
         return out
 
     def clipped_sums(
-        self, layer: nn.Module, a: Tensor, g: Tensor, factors: Mapping[str, Tensor]
+        self, layer: Any, a: Tensor, g: Tensor, factors: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         a, g = self.sequences(a, g)
         out: dict[str, Tensor] = {}
@@ -468,7 +477,7 @@ class _EmbeddingKernel:
         return Call((ids,), torch.cat([c.grad_output.reshape(batch, -1, dim) for c in calls], 1))
 
     def sq_norms(
-        self, layer: nn.Module, ids: Tensor, g: Tensor, want: set[str]
+        self, layer: Any, ids: Tensor, g: Tensor, want: set[str]
     ) -> dict[str, Tensor] | None:
         batch = g.shape[0]
         ids = ids.reshape(batch, -1)
@@ -483,7 +492,7 @@ class _EmbeddingKernel:
         return {"weight": (_gram(g) * same).sum((1, 2))}
 
     def clipped_sums(
-        self, layer: nn.Module, ids: Tensor, g: Tensor, factors: Mapping[str, Tensor]
+        self, layer: Any, ids: Tensor, g: Tensor, factors: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         batch, dim = g.shape[0], g.shape[-1]
         rows = _scaled_rows(g.reshape(batch, -1, dim), factors["weight"]).reshape(-1, dim)
@@ -496,11 +505,11 @@ class _EmbeddingKernel:
 
 class _ConvKernel:
     @staticmethod
-    def supports(layer: nn.Module) -> bool:
+    def supports(layer: Any) -> bool:
         return layer.weight.dim() in (3, 4) and layer.groups == 1
 
     @staticmethod
-    def patches(layer: nn.Module, x: Tensor) -> Tensor:
+    def patches(layer: Any, x: Tensor) -> Tensor:
         """``[B, L, C_in·Πk]``: the input patch behind every output position, in the
         order of ``weight.view(C_out, -1)``. Built from strided views and one copy
         (``F.unfold`` on CUDA launches one kernel per sample)."""
@@ -522,7 +531,7 @@ class _ConvKernel:
         batch, channels, rows, cols = x.shape[:4]
         return x.permute(0, 2, 3, 1, 4, 5).reshape(batch, rows * cols, channels * k[0] * k[1])
 
-    def sq_norms(self, layer: nn.Module, x: Tensor, g: Tensor, want: set[str]) -> dict[str, Tensor]:
+    def sq_norms(self, layer: Any, x: Tensor, g: Tensor, want: set[str]) -> dict[str, Tensor]:
         batch, c_out = g.shape[0], g.shape[1]
         g = g.reshape(batch, c_out, -1)  # [B, p, L]
         out: dict[str, Tensor] = {}
@@ -538,7 +547,7 @@ class _ConvKernel:
         return out
 
     def per_sample_grads(
-        self, layer: nn.Module, x: Tensor, g: Tensor, want: set[str]
+        self, layer: Any, x: Tensor, g: Tensor, want: set[str]
     ) -> dict[str, Tensor]:
         batch, c_out = g.shape[0], g.shape[1]
         g = g.reshape(batch, c_out, -1)
@@ -551,7 +560,7 @@ class _ConvKernel:
         return out
 
     def clipped_sums(
-        self, layer: nn.Module, x: Tensor, g: Tensor, factors: Mapping[str, Tensor]
+        self, layer: Any, x: Tensor, g: Tensor, factors: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         cw, cb = factors.get("weight"), factors.get("bias")
@@ -810,7 +819,7 @@ class BookkeepingSampler:
         if call is not None:
             sq = None
             if unit.kernel is not None:
-                want = {n for n in unit.names if unit.layer._parameters[n].requires_grad}
+                want = {n for n in unit.names if _trainable(unit.layer, n)}
                 sq = unit.kernel.sq_norms(unit.layer, call.inputs[0], call.grad_output, want)
             if sq is None:
                 with self.paused():
@@ -853,7 +862,7 @@ class BookkeepingSampler:
         scale, cache = self._scale, self._factor_cache
         out = {}
         for local, q in unit.names.items():
-            if not unit.layer._parameters[local].requires_grad:
+            if not _trainable(unit.layer, local):
                 continue
             f = factors[q]
             hit = cache.get(id(f))
@@ -924,7 +933,7 @@ class BookkeepingSampler:
             norms[name] = _as(sq["weight"], torch.float32)
         if lin.calls:
             a, gl = lin.calls[0].inputs[0], lin.calls[0].grad_output
-            lin_want = {n for n in lin.names if lin.layer._parameters[n].requires_grad}
+            lin_want = {n for n in lin.names if _trainable(lin.layer, n)}
             for local, v in lin.kernel.sq_norms(lin.layer, a, gl, lin_want).items():
                 q = lin.names[local]
                 norms[q] = norms[q] + _as(v, torch.float32) if q in norms else _as(v, torch.float32)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from dpcore.bookkeeping import BookkeepingSampler, Call, Unit
+from dpcore.bookkeeping import BookkeepingSampler, Call, Unit, _trainable
 from dpcore.hookspecs import Register
 
 
@@ -47,7 +47,9 @@ class BookKeepingGradSampler(BookkeepingSampler):
         eager = self._eager.get(id(unit))
         if eager is None:
             kept = sum(t.numel() * t.element_size() for t in (*call.inputs, call.grad_output))
-            own = sum(unit.layer._parameters[n].numel() for n in unit.names)
+            own = sum(
+                p.numel() for n, p in unit.layer.named_parameters(recurse=False) if n in unit.names
+            )
             # layers with a fused kernel are cheaper at the step unless their per-sample
             # gradients are far smaller than what they would keep
             ratio = 8 if unit.kernel is not None else 1
@@ -57,7 +59,7 @@ class BookKeepingGradSampler(BookkeepingSampler):
             unit.calls.append(call)
             return
         if getattr(unit.kernel, "per_sample_grads", None) is not None:
-            want = {n for n in unit.names if unit.layer._parameters[n].requires_grad}
+            want = {n for n in unit.names if _trainable(unit.layer, n)}
             grads = unit.kernel.per_sample_grads(unit.layer, call.inputs[0], call.grad_output, want)
         else:
             with self.paused():
