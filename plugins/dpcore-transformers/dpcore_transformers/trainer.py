@@ -127,6 +127,11 @@ class DPTrainer(Trainer):
 
     def __init__(self, *args: Any, privacy: PrivacyArguments | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.world_size > 1:
+            raise PrivacyEngineError(
+                "DPTrainer runs in one process; for data-parallel private training use "
+                "dpcore.DPDDP with a plain training loop (docs/distributed.md)"
+            )
         self.privacy = privacy or PrivacyArguments()
         if self.privacy.noise_multiplier is None and self.privacy.target_epsilon is None:
             raise PrivacyEngineError("PrivacyArguments: give noise_multiplier or target_epsilon")
@@ -187,13 +192,19 @@ class DPTrainer(Trainer):
             _, dp_optimizer, loader = self.engine.make_private_with_epsilon(
                 target_epsilon=p.target_epsilon,
                 target_delta=p.delta,
-                epochs=max(1, math.ceil(self.args.num_train_epochs)),
+                epochs=self._planned_epochs(micro),
                 **common,
             )
         loader.collate_fn = list  # raw samples; the micro-batches are collated by the Trainer
         self.private_loader = loader
         self.optimizer = dp_optimizer
         return dp_optimizer
+
+    def _planned_epochs(self, micro: _MicroBatches) -> float:
+        """Epochs the noise is calibrated for: ``max_steps`` when given, else the epochs."""
+        if self.args.max_steps and self.args.max_steps > 0:
+            return self.args.max_steps / micro.steps_per_epoch()
+        return float(self.args.num_train_epochs)
 
     # -- one micro-batch -------------------------------------------------------------------
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:

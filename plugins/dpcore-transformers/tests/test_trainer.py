@@ -122,3 +122,11 @@ def test_lora_under_bf16(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     gs = trainer.engine.grad_sampler
     assert gs.named_parameters() and all("lora_" in n for n in gs.named_parameters())
+
+
+def test_target_epsilon_is_spent_over_max_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    privacy = PrivacyArguments(target_epsilon=3.0, seed=0, accountant="rdp")
+    trainer = make_trainer(tmp_path, privacy, max_steps=6)
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert trainer.engine.get_epsilon(1e-5) == pytest.approx(3.0, rel=0.05)
