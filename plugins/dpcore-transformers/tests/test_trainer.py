@@ -130,3 +130,31 @@ def test_target_epsilon_is_spent_over_max_steps(tmp_path) -> None:  # type: igno
     trainer.train()
     assert trainer.state.global_step == 6
     assert trainer.engine.get_epsilon(1e-5) == pytest.approx(3.0, rel=0.05)
+
+
+class Labelled(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(4)
+        self.ids = torch.randint(1, VOCAB, (N, 8), generator=g)
+        self.y = torch.randint(0, 3, (N,), generator=g)
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.y[i]}
+
+
+def test_sequence_classification_uses_the_models_own_loss(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1,
+        learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = DPTrainer(
+        model=FAMILIES["bert"].build(), args=args, train_dataset=Labelled(),
+        data_collator=default_data_collator, privacy=PrivacyArguments(noise_multiplier=1.0),
+    )  # fmt: skip
+    assert not trainer._causal_lm
+    trainer.train()
+    assert trainer.engine.steps == trainer.state.global_step == 6
