@@ -140,9 +140,16 @@ def _prepare(module: nn.Module) -> nn.Module:
     return model
 
 
+def _per_sample_leaf(t: Any) -> bool:
+    """Output tensors that can hold one row per sample; a 0-dim output (a loss the model
+    computes inside forward, e.g. Hugging Face models given ``labels``) is a reduction
+    over the batch and has no per-sample form to compare."""
+    return isinstance(t, Tensor) and t.dim() > 0
+
+
 def _concat_outputs(outputs: list[Any], dim: int, batch: int) -> list[Tensor]:
     """Per-sample outputs glued back into batch tensors (leaf by leaf)."""
-    leaves = [[t for t in pytree.tree_leaves(o) if isinstance(t, Tensor)] for o in outputs]
+    leaves = [[t for t in pytree.tree_leaves(o) if _per_sample_leaf(t)] for o in outputs]
     glued = []
     for parts in zip(*leaves, strict=True):
         d = dim if parts[0].dim() > dim and parts[0].shape[dim] == 1 else 0
@@ -284,7 +291,7 @@ def check_per_sample_gradients(
     with torch.no_grad():
         full = _call(_prepare(module), inputs)
     if batch:
-        full_leaves = [t for t in pytree.tree_leaves(full) if isinstance(t, Tensor)]
+        full_leaves = [t for t in pytree.tree_leaves(full) if _per_sample_leaf(t)]
         try:
             glued = _concat_outputs(micro_outputs, dim, batch)
         except (RuntimeError, ValueError):
