@@ -94,3 +94,16 @@ def test_padding_changes_nothing_for_the_padded_positions() -> None:
     for n, p in model.named_parameters():
         want = p.grad.pow(2).sum() if p.grad is not None else torch.tensor(0.0)
         assert torch.allclose(norms[n][0], want, rtol=1e-3, atol=1e-7), n
+
+
+@pytest.mark.parametrize("name", LM_FAMILIES)
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_padded_token_loss_under_bf16_autocast(name: str, mode: str) -> None:
+    ids, mask, labels = token_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = check_per_sample_gradients(
+            FAMILIES[name].build(), {"input_ids": ids, "attention_mask": mask}, labels,
+            lambda out, y: causal_lm_loss(out.logits, y), grad_sample_mode=mode,
+            atol=2e-2, rtol=5e-2,
+        )  # fmt: skip
+    assert report.ok, report.summary()
