@@ -145,6 +145,7 @@ def test_lora_step_under_bf16_autocast(mode: str) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_moved_to_cuda_before_or_after_make_private(when: str) -> None:
     model = lora_gpt2()
