@@ -161,3 +161,15 @@ def test_moved_to_cuda_before_or_after_make_private(when: str) -> None:
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.is_cuda and not torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_full_gpt2_step_is_the_clipped_micro_batch_update(mode: str) -> None:
+    """Full fine-tuning (tied embeddings, Conv1D, broadcast positions), through the engine."""
+    model = FAMILIES["gpt2"].build()
+    want = _oracle_update(model, token_batch())
+    _, private, opt, batch = _make_private(model, mode)
+    got = _step(private, opt, batch)
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.allclose(got[n], want[n], atol=1e-6, rtol=1e-4), n
