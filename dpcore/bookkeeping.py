@@ -811,11 +811,12 @@ class BookkeepingSampler:
                 unit.calls = [Call(tuple(inputs), g)]
         return unit.calls[0]
 
-    def _unit_sq_norms(self, unit: Unit) -> dict[str, Tensor]:
-        """Per-sample squared norms of a unit's parameters (scaled); materialised
-        contributions go to ``self._materialised`` and are reduced later."""
+    def _unit_sq_norms(self, unit: Unit, scaled: bool = True) -> dict[str, Tensor]:
+        """Per-sample squared norms of a unit's parameters (scaled unless ``scaled`` is
+        False: then the caller multiplies all units' norms by ``_scale²`` at once);
+        materialised contributions go to ``self._materialised`` and are reduced later."""
         call = self._fast(unit)
-        s2 = self._scale**2
+        s2 = self._scale**2 if scaled else 1.0
         if call is not None:
             sq = None
             if unit.kernel is not None:
@@ -836,8 +837,8 @@ class BookkeepingSampler:
                     self._materialised[q] = gs if prev is None else prev + gs
         return {}
 
-    def _materialised_sq_norms(self) -> dict[str, Tensor]:
-        s2 = self._scale**2
+    def _materialised_sq_norms(self, scaled: bool = True) -> dict[str, Tensor]:
+        s2 = self._scale**2 if scaled else 1.0
         out = {}
         for q, g in self._materialised.items():
             sq = _as(g.flatten(1), torch.float32).square().sum(1)

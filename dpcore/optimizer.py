@@ -196,13 +196,24 @@ class DPOptimizer(Optimizer):
         sq_norms = gs.per_sample_sq_norms()
         factors = self.clipper.clip_factors(sq_norms)
         sums = gs.clipped_sums(factors)
-        for name, value in sums.items():
-            # fp32 running sum (low-precision models lose nothing over many passes); a copy,
-            # so a grad sampler may reuse its buffers
-            if name in self._summed:
-                self._summed[name].add_(value.detach().to(torch.float32))
-            else:
-                self._summed[name] = value.detach().to(torch.float32, copy=True)
+        # fp32 running sum (low-precision models lose nothing over many passes); a copy,
+        # so a grad sampler may reuse its buffers. One foreach launch per group, not one
+        # per parameter: on small models the step is bound by Python launch overhead.
+        summed = self._summed
+        old_names = [n for n in sums if n in summed]
+        if old_names:
+            torch._foreach_add_(
+                [summed[n] for n in old_names],
+                [sums[n].detach().to(torch.float32) for n in old_names],
+            )
+        new_names = [n for n in sums if n not in summed]
+        fp32 = [n for n in new_names if sums[n].dtype == torch.float32]
+        if fp32:  # x * 1 is an exact copy (signed zeros included), one launch for all
+            copies = torch._foreach_mul([sums[n].detach() for n in fp32], 1.0)
+            summed.update(zip(fp32, copies, strict=True))
+        for name in new_names:
+            if name not in summed:
+                summed[name] = sums[name].detach().to(torch.float32, copy=True)
         self.backward_passes += 1
         self.samples_seen += next((int(v.shape[0]) for v in sq_norms.values()), 0)
 
@@ -234,9 +245,11 @@ class DPOptimizer(Optimizer):
             fn(grads, self.steps)
         scale = 1.0 / (self.expected_batch_size * batches) if self.loss_reduction == "mean" else 1.0
         self._zero_grad_witness = None
+        if scale != 1.0 and grads:
+            torch._foreach_mul_([grads[name] for name in params], scale)
         for name, p in params.items():
-            g = grads[name].mul_(scale) if scale != 1.0 else grads[name]
-            p.grad = g.to(dtype=p.dtype).view_as(p)
+            g = grads[name]
+            p.grad = (g if g.dtype == p.dtype else g.to(dtype=p.dtype)).view_as(p)
             if self._zero_grad_witness is None:
                 self._zero_grad_witness = (p, p.grad)
         self.clipper.end_step(
@@ -336,15 +349,28 @@ class DPOptimizer(Optimizer):
         # calls): training it on the clipped sum alone would silently drop that use.
         witness = self._zero_grad_witness[1] if self._zero_grad_witness else None
         missing = []
-        # Checked at the first real step only: it reads every gradient (a device sync per
-        # parameter), and such a model shows the problem from its first step.
+        # Checked at the first real step only (such a model shows the problem from its
+        # first step), with one device sync for all parameters.
         if self.backward_passes > 0 and self.steps == 0 and not self._skip_next:
-            for n, p in covered.items():
-                if p.grad is None or p.grad is witness or not bool(p.grad.ne(0).any()):
-                    continue
-                s = self._summed.get(n)
-                if s is None or not bool(s.ne(0).any()):
-                    missing.append(n)
+            suspects = [
+                (n, p.grad)
+                for n, p in covered.items()
+                if p.grad is not None and p.grad is not witness
+            ]
+            if suspects:
+                flags: list[Tensor] = []
+                device = suspects[0][1].device
+                for n, grad in suspects:
+                    s = self._summed.get(n)
+                    used = grad.ne(0).any().to(device)
+                    clipped = s.ne(0).any().to(device) if s is not None else torch.zeros_like(used)
+                    flags.append(torch.stack((used, clipped)))
+                values = torch.stack(flags).tolist()
+                missing = [
+                    n
+                    for (n, _), (used, clipped) in zip(suspects, values, strict=True)
+                    if used and not clipped
+                ]
         if missing:
             raise GradSampleError(
                 f"parameter(s) {', '.join(repr(m) for m in missing[:5])} received a gradient from "

@@ -36,7 +36,11 @@ def total_norms(sq_norms: Mapping[str, Tensor]) -> Tensor:
     if not values:
         return torch.zeros(0)
     device = values[0].device
-    total = torch.zeros_like(values[0], dtype=torch.float32)
-    for v in values:
-        total = total + v.to(device=device, dtype=torch.float32)
+    # one stacked reduction instead of a chain of additions (one launch, not one per
+    # parameter: small models are bound by launch overhead)
+    rows = [
+        v if v.dtype == torch.float32 and v.device == device else v.to(device, torch.float32)
+        for v in values
+    ]
+    total = rows[0] if len(rows) == 1 else torch.stack(rows).sum(0)
     return total.clamp_min(0).sqrt()

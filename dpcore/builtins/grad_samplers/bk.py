@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from dpcore.bookkeeping import BookkeepingSampler, Call, Unit, _trainable
@@ -79,10 +80,18 @@ class BookKeepingGradSampler(BookkeepingSampler):
                     norms.update(tied)
                     self._tied.append((emb, lin))
             tied_units = {id(u) for pair in self._tied for u in pair}
+            # unscaled here, then multiplied by the mean-reduction scale² in one launch
+            unscaled: dict[str, Tensor] = {}
             for unit in self.units:
                 if unit.calls and id(unit) not in tied_units:
-                    norms.update(self._unit_sq_norms(unit))
-            norms.update(self._materialised_sq_norms())
+                    unscaled.update(self._unit_sq_norms(unit, scaled=False))
+            unscaled.update(self._materialised_sq_norms(scaled=False))
+            s2 = self._scale**2
+            if s2 != 1.0 and unscaled:
+                unscaled = dict(
+                    zip(unscaled, torch._foreach_mul(list(unscaled.values()), s2), strict=True)
+                )
+            norms.update(unscaled)
             self._norms = self._complete(norms)
         return self._norms
 
