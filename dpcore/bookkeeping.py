@@ -873,10 +873,14 @@ class BookkeepingSampler:
         return out
 
     def _materialised_clipped_sums(self, factors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        scale = self._scale
+        scale, cache = self._scale, self._factor_cache
         out = {}
         for q, g in self._materialised.items():
-            c = factors[q] * scale if scale != 1.0 else factors[q]
+            f = factors[q]
+            hit = cache.get(id(f))
+            if hit is None:  # one scaled tensor per distinct factor tensor (see above)
+                hit = cache[id(f)] = (f * scale if scale != 1.0 else f, f)
+            c = hit[0]
             # one matrix-vector product: Σ_i c_i g_i
             out[q] = (_as(c, g.dtype) @ g.flatten(1)).view(g.shape[1:])
         return out

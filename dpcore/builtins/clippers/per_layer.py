@@ -12,12 +12,17 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from dpcore.errors import ConfigError
 
 from ._common import EPS, total_norms
+
+
+def _as_float32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
 
 
 class PerLayerOptions(BaseModel):
@@ -82,8 +87,13 @@ class PerLayerClipper:
             raise ConfigError(f"per_layer clipper: every bound must be positive, got {bounds}")
         self.max_grad_norm = bounds
         self.parameter_names = names
+        #: the bounds as a device tensor for the one-group-per-parameter fast path
+        self._bounds_cache: tuple[Any, Tensor] | None = None
 
     def clip_factors(self, sq_norms: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        fast = self._one_per_group(sq_norms)
+        if fast is not None:
+            return fast
         by_group: dict[int, dict[str, Tensor]] = {}
         for name, sq in sq_norms.items():
             if name not in self.group_of:
@@ -94,6 +104,35 @@ class PerLayerClipper:
             factor = (self.max_grad_norm[g] / (total_norms(members) + EPS)).clamp(max=1.0)
             factors.update({name: factor for name in members})
         return factors
+
+    def _one_per_group(self, sq_norms: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """Every parameter in its own group (the default): all factors in a few launches
+        instead of a few per parameter, with the same arithmetic (``C / x`` is
+        ``x.reciprocal() * C`` in torch). None: the general path applies."""
+        names = list(sq_norms)
+        groups = [self.group_of.get(n) for n in names]
+        if not names or None in groups or len(set(groups)) != len(names):
+            return None
+        values = list(sq_norms.values())
+        device, shape = values[0].device, values[0].shape
+        if any(v.device != device or v.shape != shape for v in values):
+            return None
+        if len(self.group_of) != len(set(self.group_of.values())):
+            return None  # some group has several members, absent from this pass
+        rows = torch.stack([_as_float32(v) for v in values])
+        bounds = self._bounds_on(device, [g for g in groups if g is not None])
+        factors = ((rows.clamp_min(0).sqrt() + EPS).reciprocal() * bounds).clamp(max=1.0)
+        return dict(zip(names, factors.unbind(0), strict=True))
+
+    def _bounds_on(self, device: torch.device, groups: list[int]) -> Tensor:
+        key = (device, tuple(groups), tuple(self.max_grad_norm))
+        cached = self._bounds_cache
+        if cached is None or cached[0] != key:
+            values = [self.max_grad_norm[g] for g in groups]
+            tensor = torch.tensor(values, dtype=torch.float32).to(device).unsqueeze(1)
+            self._bounds_cache = (key, tensor)
+            cached = self._bounds_cache
+        return cached[1]
 
     def sensitivity(self) -> float:
         return math.sqrt(sum(b * b for b in self.max_grad_norm))
