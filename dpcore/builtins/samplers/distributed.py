@@ -22,35 +22,26 @@ since every example has its own uniform number.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
 
 from dpcore.errors import ConfigError, DistributedError
 
-from ._common import ResumableEpochs
+from .poisson import PoissonOptions, PoissonSampler
+
+#: same options as ``poisson``
+DistributedPoissonOptions = PoissonOptions
 
 
-class DistributedPoissonOptions(BaseModel):
-    """Options of the ``distributed_poisson`` sampler."""
+class DistributedPoissonSampler(PoissonSampler):
+    """Each rank's shard of a Poisson sample (global rate ``q``) of the whole data set.
 
-    model_config = ConfigDict(extra="forbid")
-
-    steps_per_epoch: int | None = Field(
-        default=None, gt=0, description="batches per epoch; default round(1 / sample_rate)"
-    )
-
-
-class DistributedPoissonSampler(ResumableEpochs):
-    """Each rank's shard of a Poisson sample (global rate ``q``) of the whole data set."""
-
-    min_separation = 1
-    dp_exact = True
-    #: the global batches do not depend on the world size (checkpoints re-shard exactly)
-    world_size_independent = True
+    The draw rule is :class:`PoissonSampler`'s; this class only makes every rank use
+    rank 0's stream, which is what lets rank 0's checkpoint restore all ranks.
+    """
 
     def __init__(
         self,
@@ -62,34 +53,21 @@ class DistributedPoissonSampler(ResumableEpochs):
         world_size: int = 1,
         steps_per_epoch: int | None = None,
     ) -> None:
-        if num_samples <= 0:
-            raise ConfigError(
-                f"distributed_poisson needs a non-empty data set, got {num_samples} samples"
-            )
-        if not 0.0 < sample_rate <= 1.0:
-            raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise DistributedError(f"invalid rank {rank} for world size {world_size}")
-        self.num_samples = num_samples
-        self.sample_rate = float(sample_rate)
+        _share_stream(generator, rank, world_size)
+        super().__init__(
+            num_samples=num_samples,
+            sample_rate=sample_rate,
+            generator=generator,
+            rank=rank,
+            world_size=world_size,
+            steps_per_epoch=steps_per_epoch,
+        )
         self.rank = rank
         self.world_size = world_size
-        self.steps_per_epoch = steps_per_epoch or max(1, round(1.0 / sample_rate))
-        #: global expected batch size ``q * N`` (over all ranks)
-        self.expected_batch_size = self.sample_rate * num_samples
-        _share_stream(generator, rank, world_size)
-        super().__init__(generator)
-
-    def _epoch(self) -> Iterator[list[int]]:
-        for _ in range(self.steps_per_epoch):
-            keep = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            # this rank's slice of the global sample: indices rank, rank + W, ...
-            yield (
-                keep[self.rank :: self.world_size].nonzero().flatten() * self.world_size + self.rank
-            ).tolist()
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
+        #: the global batches do not depend on the world size (checkpoints re-shard exactly)
+        self.world_size_independent = True
 
     def state_dict(self) -> dict[str, Any]:
         return {
