@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
+from torch.utils.hooks import unserializable_hook
 
 from .errors import GradSampleError
 from .layer_sampling import MaterializingLayerGradSampler
@@ -628,6 +629,8 @@ class BookkeepingSampler:
         self._batch_size: int | None = None
         self._materialised: dict[str, Tensor] = {}
         self._factor_cache: dict[int, tuple[Tensor, Tensor]] = {}
+        #: tapped parameters autograd computed a gradient for in the pending batch
+        self._outside_uses: set[str] = set()
 
     # -- attach / detach -------------------------------------------------------------------
     def attach(
@@ -673,6 +676,54 @@ class BookkeepingSampler:
                 self._handles.append(layer.register_forward_hook(self._hook_forward(unit)))
         self._handles.append(
             module.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
+        )
+        self._watch_outside_uses()
+
+    def _watch_outside_uses(self) -> None:
+        """Taps never let autograd form the gradient of their layer's parameters, so
+        autograd reaching such a parameter means a use outside its layer
+        (``F.linear(x, layer.weight)`` in a parent, a weight penalty in the loss) that the
+        per-sample gradients miss. A gradient hook notes it at no cost per step (no device
+        sync, and it works whether ``zero_grad`` sets gradients to None or to zero); the
+        flush refuses the batch. Parameters also owned by a hooked layer are skipped:
+        autograd forms their gradients legitimately."""
+        hooked = {id(p) for u in self.units if not u.tapped for p in u.layer.parameters(False)}
+        watched: dict[int, str] = {}
+        for unit in self.units:
+            if unit.tapped:
+                for local, name in unit.names.items():
+                    p = unit.layer._parameters[local]
+                    if p is not None and id(p) not in hooked:
+                        watched[id(p)] = name
+        for name, p in self._params.items():
+            if id(p) in watched:
+                self._handles.append(p.register_hook(self._outside_use_hook(name)))
+
+    def _outside_use_hook(self, name: str) -> Any:
+        @unserializable_hook
+        def hook(grad: Tensor | None) -> None:
+            # a tap's backward gives its parameters no gradient: the hook sees None
+            if grad is not None and not self._paused:
+                self._outside_uses.add(name)
+
+        return hook
+
+    def _check_outside_uses(self) -> None:
+        """Refuse a batch in which a tapped parameter was used outside its layer."""
+        if not self._outside_uses:
+            return
+        names = sorted(self._outside_uses)
+        self.clear()
+        raise GradSampleError(
+            f"parameter(s) {', '.join(repr(n) for n in names[:5])} are used outside the layer "
+            "that owns them (e.g. F.linear(x, self.layer.weight) in a parent's forward, or a "
+            "weight penalty added to the loss): autograd computed a gradient for them that the "
+            "per-sample gradients of grad sampler 'bk'/'ghost' do not include, so the private "
+            "update would silently drop that use. Use every parameter through its own module "
+            "(and the optimizer's weight_decay instead of a penalty in the loss), or use "
+            "grad_sample_mode='hooks' (its check_sums verifies every parameter's per-sample "
+            "gradients against autograd) or 'functorch' (per-sample gradients of the whole "
+            "forward pass)."
         )
 
     def detach(self) -> None:
@@ -987,3 +1038,4 @@ class BookkeepingSampler:
         self._materialised = {}
         self._factor_cache = {}
         self._batch_size = None
+        self._outside_uses = set()

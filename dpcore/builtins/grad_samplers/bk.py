@@ -71,6 +71,7 @@ class BookKeepingGradSampler(BookkeepingSampler):
 
     def per_sample_sq_norms(self) -> dict[str, Tensor]:
         if self._norms is None:
+            self._check_outside_uses()
             norms: dict[str, Tensor] = {}
             # tied embedding + head: norms with a cross term, no per-sample V x D gradients
             self._tied = []

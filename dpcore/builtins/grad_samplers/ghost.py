@@ -137,6 +137,7 @@ class GhostGradSampler(BookkeepingSampler):
         if self._norms is None:
             self._acc, self._materialised = {}, {}
             self._run_pass("norms")
+            self._check_outside_uses()
             norms = self._acc
             # tied embedding + head (GPT-2): a cross term instead of V x D per-sample grads
             self._tied = []
