@@ -3,7 +3,8 @@
 torch's fused RNN kernels and ``nn.MultiheadAttention``'s functional core hide
 the per-sample computation from grad samplers; :mod:`dpcore.layers` provides
 drop-in versions built from layers with per-sample gradients. Weights are copied
-through ``state_dict`` (the DP layers keep torch's parameter names).
+through ``state_dict`` (the DP layers accept torch's parameter names) and
+``requires_grad`` through the DP layers' ``torch_parameter_names()``.
 """
 
 from __future__ import annotations
@@ -52,11 +53,21 @@ class _ReplaceWithDP:
         p = next(module.parameters(), None)
         if p is not None:
             new = new.to(device=p.device, dtype=p.dtype)
-            new_params = dict(new.named_parameters())
-            for name, old_p in module.named_parameters():
-                if name in new_params:
-                    new_params[name].requires_grad_(old_p.requires_grad)
+        _copy_requires_grad(module, new)
         return new
+
+
+def _copy_requires_grad(old: nn.Module, new: nn.Module) -> None:
+    """Frozen torch parameters stay frozen: the DP layers name their parameters
+    differently (``weight_ih_l0`` -> ``cells.0.ih.weight``, ``in_proj_weight`` -> the
+    three ``{q,k,v}_proj.weight``) and say how through ``torch_parameter_names()``."""
+    mapping = getattr(new, "torch_parameter_names", None)
+    names: dict[str, list[str]] = mapping() if mapping is not None else {}
+    new_params = dict(new.named_parameters())
+    for name, old_p in old.named_parameters():
+        for ours in names.get(name, [name]):
+            if ours in new_params:
+                new_params[ours].requires_grad_(old_p.requires_grad)
 
 
 def _rnn_kwargs(module: nn.RNNBase) -> dict[str, Any]:
