@@ -1001,8 +1001,9 @@ class BookkeepingSampler:
             mixed = _bmm32(ge, a.mT.to(ge.dtype))  # [B, T, S]: g_emb[t] · a[s]
             picked = gl.gather(2, ids[:, None, :].expand(batch, gl.shape[1], ids.shape[1]))
             cross = mixed * _as(picked.mT, torch.float32)  # [B, T, S]
-            if emb.layer.padding_idx is not None:
-                cross = cross * ids.ne(emb.layer.padding_idx)[:, :, None]
+            padding_idx = emb.layer.padding_idx
+            if isinstance(padding_idx, int):
+                cross = cross * ids.ne(padding_idx)[:, :, None]
             norms[name] = norms[name] + 2 * cross.sum((1, 2))
         s2 = self._scale**2
         return {q: v * s2 for q, v in norms.items()} if s2 != 1.0 else norms

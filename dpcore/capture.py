@@ -80,7 +80,7 @@ def exact_layer_sampler(registry: Any, layer: nn.Module) -> Any | None:
     for base in type(layer).__mro__:
         sampler = by_type.get(base)
         if sampler is not None:
-            return sampler if type(layer).forward is base.forward else None
+            return sampler if type(layer).forward is getattr(base, "forward", None) else None
     return None
 
 
