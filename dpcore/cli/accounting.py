@@ -144,13 +144,18 @@ def noise(
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", help=_OPTION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     bands: Optional[int] = typer.Option(
-        None, "--bands", min=1, help="BandMF noise with this many bands and cyclic Poisson "
+        None,
+        "--bands",
+        min=1,
+        help="BandMF noise with this many bands and cyclic Poisson "
         "sampling over as many groups: calibrated as DP-SGD with ceil(steps / bands) steps at "
-        "rate bands x q (docs/correlated-noise.md)."
+        "rate bands x q (docs/correlated-noise.md).",
     ),
     choose_bands: bool = typer.Option(
-        False, "--choose-bands", help="Table of BandMF band counts for this budget: noise, "
-        "expected prefix-sum error relative to DP-SGD, and the best choice."
+        False,
+        "--choose-bands",
+        help="Table of BandMF band counts for this budget: noise, "
+        "expected prefix-sum error relative to DP-SGD, and the best choice.",
     ),
 ) -> None:
     """Noise multiplier that meets a target epsilon."""
@@ -159,13 +164,17 @@ def noise(
     with user_errors(), _warnings_as_notes():
         if choose_bands:
             report = choose_bands_report(
-                target_epsilon=target_epsilon, sample_rate=sample_rate, steps=steps,
-                delta=delta, accountant=accountant, tolerance=tolerance,
+                target_epsilon=target_epsilon,
+                sample_rate=sample_rate,
+                steps=steps,
+                delta=delta,
+                accountant=accountant,
+                tolerance=tolerance,
                 options=_parse_options(option),
             )
         else:
-            rate, events = (sample_rate, steps) if bands is None else bands_event(
-                sample_rate, steps, bands
+            rate, events = (
+                (sample_rate, steps) if bands is None else bands_event(sample_rate, steps, bands)
             )
             result = calibrate_noise(
                 target_epsilon=target_epsilon,
@@ -177,8 +186,13 @@ def noise(
                 options=_parse_options(option),
             )
             if bands is not None:  # BandMF: say which DP-SGD event it was calibrated as
-                result.update(bands=bands, sample_rate=sample_rate, steps=steps,
-                              accounted_rate=rate, accounted_steps=events)
+                result.update(
+                    bands=bands,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accounted_rate=rate,
+                    accounted_steps=events,
+                )
     if choose_bands:
         emit_choose_bands(report, as_json)
         return
