@@ -21,7 +21,9 @@ are merged into one longer sequence (exact for ghost norms too), anything else
 is materialised per sample and summed. An input broadcast over the batch (e.g.
 position ids of shape ``[1, T]``) is expanded to the batch at tapped layers, so
 each sample gets its own output gradient. Frozen layers are not touched and
-keep nothing.
+keep nothing. A tapped parameter that autograd reaches anyway is used outside its
+layer (``F.linear(x, layer.weight)`` in a parent, a weight penalty in the loss): a
+gradient hook notes it and the flush refuses the batch, naming the parameter.
 
 **Costs.** ``loss_reduction="mean"`` is handled by scaling norms by ``B²`` and
 clip factors by ``B`` instead of copying every output gradient.
