@@ -633,6 +633,8 @@ class BookkeepingSampler:
         self._factor_cache: dict[int, tuple[Tensor, Tensor]] = {}
         #: tapped parameters autograd computed a gradient for in the pending batch
         self._outside_uses: set[str] = set()
+        #: tied embedding/head unit pairs of the current batch
+        self._tied: list[tuple[Unit, Unit]] = []
 
     # -- attach / detach -------------------------------------------------------------------
     def attach(
@@ -1026,6 +1028,23 @@ class BookkeepingSampler:
             for q, v in unit.qualify(sums).items():
                 v = _as(v, torch.float32)
                 out[q] = out[q] + v if q in out else v
+        return out
+
+    def _recorded_clipped_sums(
+        self, factors: Mapping[str, Tensor], sums: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Clipped sums from what the backward pass recorded (tied pairs, tapped units,
+        materialised layers), added to ``sums``, completed with zeros and cleared."""
+        sums = {} if sums is None else sums
+        tied_units = {id(u) for pair in self._tied for u in pair}
+        for emb, lin in self._tied:
+            sums.update(self._tied_clipped_sums(emb, lin, factors))
+        for unit in self.units:
+            if unit.calls and id(unit) not in tied_units:
+                sums.update(self._unit_clipped_sums(unit, factors))
+        sums.update(self._materialised_clipped_sums(factors))
+        out = self._complete_sums(sums)
+        self.clear()
         return out
 
     def _complete_sums(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:

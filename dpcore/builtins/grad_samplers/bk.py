@@ -30,7 +30,6 @@ class BookKeepingGradSampler(BookkeepingSampler):
         super().__init__()
         self._norms: dict[str, Tensor] | None = None
         self._eager: dict[int, bool] = {}  # per unit, decided at its first call of a batch
-        self._tied: list[tuple[Unit, Unit]] = []  # tied embedding/head pairs of the batch
 
     def has_pending(self) -> bool:
         if self._batch_size == 0:
@@ -99,17 +98,7 @@ class BookKeepingGradSampler(BookkeepingSampler):
     def clipped_sums(self, factors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if self._norms is None:  # the materialised contributions are formed there
             self.per_sample_sq_norms()
-        sums: dict[str, Tensor] = {}
-        tied_units = {id(u) for pair in self._tied for u in pair}
-        for emb, lin in self._tied:
-            sums.update(self._tied_clipped_sums(emb, lin, factors))
-        for unit in self.units:
-            if unit.calls and id(unit) not in tied_units:
-                sums.update(self._unit_clipped_sums(unit, factors))
-        sums.update(self._materialised_clipped_sums(factors))
-        out = self._complete_sums(sums)
-        self.clear()
-        return out
+        return self._recorded_clipped_sums(factors)
 
     def clear(self) -> None:
         super().clear()

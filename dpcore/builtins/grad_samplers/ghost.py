@@ -47,7 +47,6 @@ class GhostGradSampler(BookkeepingSampler):
         self._norms: dict[str, Tensor] | None = None
         self._forward_calls: dict[int, int] = {}
         self._materialising: set[int] = set()
-        self._tied: list[tuple[Unit, Unit]] = []  # tied embedding/head pairs of the batch
 
     def attach(
         self, module: nn.Module, *, batch_first: bool = True, loss_reduction: LossReduction = "mean"
@@ -164,17 +163,7 @@ class GhostGradSampler(BookkeepingSampler):
             self.per_sample_sq_norms()
         self._acc, self._factors = {}, factors
         self._run_pass("sums")
-        sums = self._acc
-        tied_units = {id(u) for pair in self._tied for u in pair}
-        for emb, lin in self._tied:
-            sums.update(self._tied_clipped_sums(emb, lin, factors))
-        for unit in self.units:
-            if unit.calls and id(unit) not in tied_units:
-                sums.update(self._unit_clipped_sums(unit, factors))
-        sums.update(self._materialised_clipped_sums(factors))
-        out = self._complete_sums(sums)
-        self.clear()
-        return out
+        return self._recorded_clipped_sums(factors, self._acc)
 
     def clear(self) -> None:
         super().clear()
