@@ -232,6 +232,10 @@ class Sampler(Protocol):
     the noise mechanism's ``min_separation`` before checking compatibility, so the
     sampler can adopt it as a default (``cyclic_poisson``'s cycle length defaults to
     the number of bands); the check still refuses a separation below ``n``.
+
+    Optional: ``world_size_independent = True`` declares that the global batches do
+    not depend on the number of ranks, so a checkpoint may resume on another world
+    size (the engine refuses that otherwise).
     """
 
     sample_rate: float
