@@ -37,6 +37,7 @@ from torch.optim import Optimizer
 
 from . import distributed as _dist
 from .errors import GradSampleError, PrivacyEngineError
+from .graphs import StepGraph
 from .protocols import Clipper, GradSampler, LossReduction, NoiseMechanism
 
 NoiseHook = Callable[[dict[str, Tensor], int], None]
@@ -144,6 +145,10 @@ class DPOptimizer(Optimizer):
         self.steps = 0
         self._noise_hooks: list[NoiseHook] = []
         self._step_hooks: list[StepHook] = []
+        #: replay the step's clipping and noise from a CUDA graph where the plugins allow
+        #: it and the shapes repeat (see dpcore.graphs); False: always run eagerly
+        self.cuda_graphs = True
+        self._graph = StepGraph()
 
     # ------------------------------------------------------------------------------
     # Hooks
@@ -223,7 +228,9 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.flush()
+        graphed = None if self._skip_next else self._graphed_private_gradient()
+        if graphed is None:
+            self.flush()
         params = self._covered_trainable()
         self._check_coverage(params)
         if self._skip_next:
@@ -240,7 +247,7 @@ class DPOptimizer(Optimizer):
                 "(correlated noise accounts each step as one participation). Take one optimizer "
                 "step per batch, and use dpcore.BatchMemoryManager to split large batches."
             )
-        grads = self._private_gradient(params)
+        grads = graphed if graphed is not None else self._private_gradient(params)
         for fn in self._noise_hooks:
             fn(grads, self.steps)
         scale = 1.0 / (self.expected_batch_size * batches) if self.loss_reduction == "mean" else 1.0
@@ -281,17 +288,85 @@ class DPOptimizer(Optimizer):
                 if s is None
                 else s.reshape(p.shape)
             )
+        std = self._noise_std()
+        if self.distributed:
+            self._distributed_noise_and_reduce(grads, std)
+        else:
+            self.noise.add_noise(grads, std=std, generator=self.noise_generator)
+        return grads
+
+    def _graphed_private_gradient(self) -> dict[str, Tensor] | None:
+        """Flush and noise of a step with one backward pass, replayed from a CUDA graph
+        (:mod:`dpcore.graphs`); None: the step runs eagerly."""
+        gs, gen = self.grad_sampler, self.noise_generator
+        if (
+            not self.cuda_graphs
+            or self._graph.disabled is not None
+            or self.distributed
+            or self._summed
+            or self.backward_passes
+            or self.empty_forward
+            or not all(getattr(x, "graph_safe", False) for x in (gs, self.clipper, self.noise))
+            or (gen is not None and gen.device.type != "cuda")
+            or not torch.cuda.is_available()
+            or torch.cuda.is_current_stream_capturing()
+            or not gs.has_pending()
+        ):
+            return None
+        prepared = gs.graph_inputs()  # type: ignore[attr-defined]
+        if prepared is None:
+            return None
+        inputs, batch, restore = prepared
+        params = self._covered_trainable()
+        if not inputs or not all(t.is_cuda for t in (*inputs, *params.values())):
+            return None
+        self._check_zero_grad_called()
+        std = self._noise_std()
+        module = self._module
+        persistent = (
+            [*module.parameters(), *module.buffers()] if module is not None else [*params.values()]
+        )
+        key = StepGraph.make_key(
+            inputs,
+            persistent,
+            (
+                std,
+                tuple(params),
+                repr(self.clipper.state_dict()),
+                repr(self.noise.state_dict()),
+                batch,
+            ),
+        )
+
+        def compute() -> dict[str, Tensor]:
+            sums = gs.clipped_sums(self.clipper.clip_factors(gs.per_sample_sq_norms()))
+            grads = {
+                name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                if name not in sums
+                else sums[name].to(torch.float32).reshape(p.shape)
+                for name, p in params.items()
+            }
+            self.noise.add_noise(grads, std=std, generator=gen)
+            return grads
+
+        generators = [gen] if gen is not None else []
+        out = self._graph.run(key, inputs, persistent, compute, generators)
+        if out is None:
+            restore()
+            return None
+        gs.clear()
+        self.backward_passes += 1
+        self.samples_seen += batch
+        return dict(out)
+
+    def _noise_std(self) -> float:
         std = (
             self.clipper.gradient_noise_multiplier(self.noise_multiplier)
             * self.clipper.sensitivity()
         )
         if not math.isfinite(std) or std < 0:
             raise PrivacyEngineError(f"the noise standard deviation is {std}; check the clipper")
-        if self.distributed:
-            self._distributed_noise_and_reduce(grads, std)
-        else:
-            self.noise.add_noise(grads, std=std, generator=self.noise_generator)
-        return grads
+        return std
 
     def _distributed_noise_and_reduce(self, grads: dict[str, Tensor], std: float) -> None:
         """Distributed step: noise once (rank 0), then one all-reduce of the sums.

@@ -28,6 +28,9 @@ class AutomaticOptions(BaseModel):
 class AutomaticClipper:
     """c_i = C / (‖g_i‖ + γ); sensitivity C."""
 
+    #: clip factors are a fixed sequence of kernels (see dpcore.graphs)
+    graph_safe = True
+
     def __init__(
         self,
         *,

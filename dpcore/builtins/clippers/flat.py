@@ -13,6 +13,9 @@ from ._common import EPS, single_bound, total_norms
 class FlatClipper:
     """c_i = min(1, C / ‖g_i‖), the same factor for every parameter; sensitivity C."""
 
+    #: clip factors are a fixed sequence of kernels (see dpcore.graphs)
+    graph_safe = True
+
     def __init__(
         self, *, max_grad_norm: float | Sequence[float], parameter_names: Sequence[str]
     ) -> None:

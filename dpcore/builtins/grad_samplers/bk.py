@@ -14,17 +14,20 @@ activations autograd keeps anyway. Use ``ghost`` when that does not fit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from dpcore.bookkeeping import BookkeepingSampler, Call, Unit, _trainable
+from dpcore.bookkeeping import _ROW_FACTORS, BookkeepingSampler, Call, Unit, _trainable
 from dpcore.hookspecs import Register
 
 
 class BookKeepingGradSampler(BookkeepingSampler):
     """Book-keeping: one backward pass, per-sample norms and clipped sums per layer."""
+
+    #: the flush is a fixed sequence of kernels for fixed shapes (see dpcore.graphs)
+    graph_safe = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -99,6 +102,29 @@ class BookKeepingGradSampler(BookkeepingSampler):
         if self._norms is None:  # the materialised contributions are formed there
             self.per_sample_sq_norms()
         return self._recorded_clipped_sums(factors)
+
+    # -- CUDA-graph replay (dpcore.graphs) ------------------------------------------------
+    def graph_inputs(self) -> tuple[list[Tensor], int, Callable[[], None]] | None:
+        """The recorded tensors the flush reads, the batch size and a function that puts
+        the pending batch back as it is now (after a discarded capture: tensors made in
+        it hold garbage, none may survive); None when the batch cannot be replayed."""
+        batch = self._batch_size
+        if self._norms is not None or not batch:
+            return None
+        self._check_outside_uses()
+        tensors = [t for unit in self.units for c in unit.calls for t in (*c.inputs, c.grad_output)]
+        tensors += self._materialised.values()
+        calls = [list(unit.calls) for unit in self.units]
+        materialised, eager = dict(self._materialised), dict(self._eager)
+
+        def restore() -> None:
+            self.clear()
+            for unit, unit_calls in zip(self.units, calls, strict=True):
+                unit.calls = list(unit_calls)
+            self._materialised, self._batch_size, self._eager = dict(materialised), batch, eager
+            _ROW_FACTORS.clear()
+
+        return tensors, batch, restore
 
     def clear(self) -> None:
         super().clear()

@@ -46,6 +46,12 @@ class GaussianNoise:
     def __init__(self, *, secure: bool = False) -> None:
         self.secure = bool(secure)
 
+    @property
+    def graph_safe(self) -> bool:
+        """Seeded draws on the device can be replayed from a CUDA graph (dpcore.graphs);
+        the OS's source cannot."""
+        return not self.secure
+
     def add_noise(
         self, grads: dict[str, Tensor], *, std: float, generator: torch.Generator | None
     ) -> None:

@@ -1,0 +1,169 @@
+"""CUDA-graph replay of a step's private arithmetic: norms, clip factors, clipped sums, noise.
+
+On models with many small layers a private step is bound by the host, not the GPU:
+every layer's norms and clipped sums are a few small kernels, each launched from
+Python. When a step has the same shapes as the one before (a fixed batch size, as
+with the ``shuffle`` sampler or a benchmark), the DP optimizer replays those kernels
+from a CUDA graph with one launch instead. Steps whose shapes change (Poisson
+batches) run eagerly; after a few misses the optimizer stops capturing.
+
+It engages only where every plugin of the step declares ``graph_safe = True`` (its
+arithmetic is a fixed sequence of kernels for fixed shapes, with no host
+synchronisation) and the grad sampler can list the tensors it recorded
+(``graph_inputs()``). Soundness rests on two checks:
+
+* **at capture**, a dispatch mode records every tensor the captured kernels read
+  that was not created inside the capture. Each must be one of the grad sampler's
+  recorded tensors or a parameter or buffer of the model; anything else (a cache a
+  plugin keeps, say) and the graph is thrown away and the step runs eagerly.
+* **at replay**, the recorded tensors of the new step, and the parameters, must
+  sit at the same addresses with the same layouts as at capture, and the noise
+  scale and the plugins' states must be equal. The caching allocator hands out
+  the same addresses for the same sequence of allocations, so in a steady
+  training loop they are; when not, the step runs eagerly.
+
+The replayed result is bit-identical to the eager one (same kernels; the noise
+generator is registered with the graph, so it advances exactly as eagerly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class GraphUnsafe(RuntimeError):
+    """The captured computation reads or returns memory the graph cannot vouch for."""
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _ReadTracker(TorchDispatchMode):
+    """Notes the storages the ops read that were not produced inside the capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.internal: set[int] = set()
+        self.external: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, Tensor) and t.device.type == "cuda" and t.numel():
+                ptr = _storage(t)
+                if ptr not in self.internal:
+                    self.external.add(ptr)
+        out = func(*args, **kwargs)
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and t.device.type == "cuda":
+                ptr = _storage(t)
+                if ptr not in self.external:  # a view of an outside tensor stays outside
+                    self.internal.add(ptr)
+        return out
+
+
+def _layout(t: Tensor) -> tuple[Any, ...]:
+    return (tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+class StepGraph:
+    """One captured private step, replayed while its inputs stay where they were.
+
+    A step is captured the second time its shapes are seen in a row (the first runs
+    eagerly: one-off shapes, e.g. Poisson batches, are never captured, and cuBLAS has
+    warmed up); after ``max_misses`` captures without a replay in between, graphs are
+    turned off for good.
+    """
+
+    max_misses = 3
+
+    def __init__(self) -> None:
+        self.graph: Any = None
+        self.key: Any = None
+        self.outputs: dict[str, Tensor] | None = None
+        self.captures = 0
+        self.replays = 0
+        self._misses = 0
+        self._last_shapes: Any = None
+        #: why graphs were turned off for this optimizer (None: still on)
+        self.disabled: str | None = None
+
+    @staticmethod
+    def make_key(inputs: Sequence[Tensor], persistent: Iterable[Tensor], extra: Any) -> Any:
+        """(addresses, layouts and ``extra``) of one step: equal keys replay."""
+        tensors = (*inputs, *persistent)
+        return tuple(t.data_ptr() for t in tensors), tuple(map(_layout, tensors)), extra
+
+    def run(
+        self,
+        key: Any,
+        inputs: Sequence[Tensor],
+        persistent: Sequence[Tensor],
+        compute: Callable[[], dict[str, Tensor]],
+        generators: Sequence[torch.Generator],
+    ) -> dict[str, Tensor] | None:
+        """The outputs of ``compute`` for this step, by replay or by a new capture; None
+        when the step must run eagerly (``compute`` has not run, or ran only into a
+        discarded capture: the caller drops what it may have cached)."""
+        if self.disabled is not None:
+            return None
+        if self.graph is not None and key == self.key:
+            self.graph.replay()
+            self.replays += 1
+            self._misses = 0
+            return self.outputs
+        shapes = key[1:]
+        if shapes != self._last_shapes:
+            self._last_shapes = shapes
+            return None
+        self._misses += 1
+        if self._misses > self.max_misses:
+            self.disable(f"{self.max_misses} captures in a row never replayed (addresses change)")
+            return None
+        self.graph = self.outputs = self.key = None  # frees the old graph's memory
+        self.captures += 1
+        graph = torch.cuda.CUDAGraph()
+        for gen in generators:
+            graph.register_generator_state(gen)
+        tracker = _ReadTracker()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):
+                graph.capture_begin()
+                try:
+                    with tracker:
+                        outputs = compute()
+                finally:
+                    graph.capture_end()
+        except Exception as exc:  # a host sync, a CPU tensor, an unsupported op...
+            torch.cuda.current_stream().wait_stream(side)
+            self.disable(f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            return None
+        torch.cuda.current_stream().wait_stream(side)
+        allowed = {_storage(t) for t in (*inputs, *persistent) if t.numel()}
+        strangers = tracker.external - allowed
+        escaped = [n for n, t in outputs.items() if _storage(t) not in tracker.internal]
+        if strangers or escaped:
+            what = (
+                f"{len(strangers)} tensor(s) read from outside the recorded batch"
+                if strangers
+                else f"outputs {escaped[:3]} not produced by the graph"
+            )
+            self.disable(f"unsafe capture: {what}")
+            return None
+        self.graph, self.outputs, self.key = graph, outputs, key
+        graph.replay()
+        self.replays += 1
+        return outputs
+
+    def disable(self, reason: str) -> None:
+        self.graph = self.outputs = self.key = None
+        self.disabled = reason
