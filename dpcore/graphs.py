@@ -28,7 +28,8 @@ generator is registered with the graph, so it advances exactly as eagerly).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -74,22 +75,26 @@ def _layout(t: Tensor) -> tuple[Any, ...]:
 
 
 class StepGraph:
-    """One captured private step, replayed while its inputs stay where they were.
+    """Captured private steps, replayed while their inputs stay where they were.
 
     A step is captured the second time its shapes are seen in a row (the first runs
     eagerly: one-off shapes, e.g. Poisson batches, are never captured, and cuBLAS has
-    warmed up); after ``max_misses`` captures without a replay in between, graphs are
-    turned off for good.
+    warmed up). Up to ``max_graphs`` captures are kept (a data loader alternates its
+    batches between a few addresses); they share one memory pool and write into the
+    same output buffers, so the memory they hold is one set of gradients plus the
+    largest step's scratch. After ``max_misses`` captures without a replay in
+    between, graphs are turned off for good.
     """
 
-    max_misses = 3
+    max_graphs = 4
+    max_misses = 4
 
     def __init__(self) -> None:
-        self.graph: Any = None
-        self.key: Any = None
+        self.graphs: OrderedDict[Any, Any] = OrderedDict()
         self.outputs: dict[str, Tensor] | None = None
         self.captures = 0
         self.replays = 0
+        self._pool: Any = None
         self._misses = 0
         self._last_shapes: Any = None
         #: why graphs were turned off for this optimizer (None: still on)
@@ -108,14 +113,17 @@ class StepGraph:
         persistent: Sequence[Tensor],
         compute: Callable[[], dict[str, Tensor]],
         generators: Sequence[torch.Generator],
+        outputs: Mapping[str, tuple[torch.Size, torch.device]],
     ) -> dict[str, Tensor] | None:
-        """The outputs of ``compute`` for this step, by replay or by a new capture; None
-        when the step must run eagerly (``compute`` has not run, or ran only into a
-        discarded capture: the caller drops what it may have cached)."""
+        """``compute()``'s float32 results (of the given shapes) for this step, by replay
+        or by a new capture; None when the step must run eagerly (``compute`` has not
+        run, or ran only into a discarded capture: the caller drops what it cached)."""
         if self.disabled is not None:
             return None
-        if self.graph is not None and key == self.key:
-            self.graph.replay()
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            self.graphs.move_to_end(key)
             self.replays += 1
             self._misses = 0
             return self.outputs
@@ -127,20 +135,52 @@ class StepGraph:
         if self._misses > self.max_misses:
             self.disable(f"{self.max_misses} captures in a row never replayed (addresses change)")
             return None
-        self.graph = self.outputs = self.key = None  # frees the old graph's memory
+        if self.outputs is None or {n: (t.shape, t.device) for n, t in self.outputs.items()} != {
+            n: (torch.Size(shape), device) for n, (shape, device) in outputs.items()
+        }:
+            self.graphs.clear()
+            self.outputs = {
+                n: torch.empty(shape, dtype=torch.float32, device=device)
+                for n, (shape, device) in outputs.items()
+            }
+        while len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = self._capture(compute, generators, inputs, persistent)
+        if graph is None:
+            return None
         self.captures += 1
+        self.graphs[key] = graph
+        graph.replay()
+        self.replays += 1
+        return self.outputs
+
+    def _capture(
+        self,
+        compute: Callable[[], dict[str, Tensor]],
+        generators: Sequence[torch.Generator],
+        inputs: Sequence[Tensor],
+        persistent: Sequence[Tensor],
+    ) -> Any:
+        assert self.outputs is not None
         graph = torch.cuda.CUDAGraph()
         for gen in generators:
             graph.register_generator_state(gen)
         tracker = _ReadTracker()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        names = list(self.outputs)
         try:
             with torch.cuda.stream(side):
-                graph.capture_begin()
+                graph.capture_begin(pool=self._pool)
                 try:
                     with tracker:
-                        outputs = compute()
+                        results = compute()
+                        torch._foreach_copy_(
+                            [self.outputs[n] for n in names], [results[n] for n in names]
+                        )
+                    del results
                 finally:
                     graph.capture_end()
         except Exception as exc:  # a host sync, a CPU tensor, an unsupported op...
@@ -148,22 +188,14 @@ class StepGraph:
             self.disable(f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
             return None
         torch.cuda.current_stream().wait_stream(side)
-        allowed = {_storage(t) for t in (*inputs, *persistent) if t.numel()}
+        allowed = {_storage(t) for t in (*inputs, *persistent, *self.outputs.values()) if t.numel()}
         strangers = tracker.external - allowed
-        escaped = [n for n, t in outputs.items() if _storage(t) not in tracker.internal]
-        if strangers or escaped:
-            what = (
-                f"{len(strangers)} tensor(s) read from outside the recorded batch"
-                if strangers
-                else f"outputs {escaped[:3]} not produced by the graph"
-            )
-            self.disable(f"unsafe capture: {what}")
+        if strangers:
+            self.disable(f"unsafe capture: {len(strangers)} tensor(s) read from outside the batch")
             return None
-        self.graph, self.outputs, self.key = graph, outputs, key
-        graph.replay()
-        self.replays += 1
-        return outputs
+        return graph
 
     def disable(self, reason: str) -> None:
-        self.graph = self.outputs = self.key = None
+        self.graphs.clear()
+        self.outputs = None
         self.disabled = reason

@@ -350,7 +350,8 @@ class DPOptimizer(Optimizer):
             return grads
 
         generators = [gen] if gen is not None else []
-        out = self._graph.run(key, inputs, persistent, compute, generators)
+        shapes = {name: (p.shape, p.device) for name, p in params.items()}
+        out = self._graph.run(key, inputs, persistent, compute, generators, shapes)
         if out is None:
             restore()
             return None
