@@ -48,9 +48,15 @@ def measure(name: str, mode: str, dtype: str, top: int) -> None:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_ms = sum(e.device_time for e in kernels) / 1e3 / steps
+    graph = getattr(getattr(step, "optimizer", None), "_graph", None)
+    graphs = (
+        f"  graphs: {graph.captures} captured, {graph.replays} replays, off: {graph.disabled}"
+        if graph is not None
+        else ""
+    )
     print(
         f"SUMMARY {name:4} {dtype:5} {mode:12} wall {wall:8.3f} ms  host {statistics.median(host):8.3f} ms"
-        f"  gpu {gpu_ms:8.3f} ms  kernels/step {len(kernels) / steps:6.0f}",
+        f"  gpu {gpu_ms:8.3f} ms  kernels/step {len(kernels) / steps:6.0f}{graphs}",
         flush=True,
     )
     if mode != "non-private" and top:
