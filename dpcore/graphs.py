@@ -95,6 +95,7 @@ class StepGraph:
         self.captures = 0
         self.replays = 0
         self._pool: Any = None
+        self._generators: list[torch.Generator] = []
         self._misses = 0
         self._last_shapes: Any = None
         #: why graphs were turned off for this optimizer (None: still on)
@@ -111,20 +112,21 @@ class StepGraph:
         key: Any,
         inputs: Sequence[Tensor],
         persistent: Sequence[Tensor],
-        compute: Callable[[], dict[str, Tensor]],
+        compute: Callable[[Sequence[torch.Generator]], dict[str, Tensor]],
         generators: Sequence[torch.Generator],
         outputs: Mapping[str, tuple[torch.Size, torch.device]],
     ) -> dict[str, Tensor] | None:
-        """``compute()``'s float32 results (of the given shapes) for this step, by replay
-        or by a new capture; None when the step must run eagerly (``compute`` has not
-        run, or ran only into a discarded capture: the caller drops what it cached)."""
+        """``compute(generators)``'s float32 results (of the given shapes) for this step,
+        by replay or by a new capture; None when the step must run eagerly (``compute``
+        has not run, or ran only into a discarded capture: the caller drops what it
+        cached). ``compute`` draws from the generators it is given, which stand for
+        ``generators`` (same states, advanced the same)."""
         if self.disabled is not None:
             return None
         graph = self.graphs.get(key)
         if graph is not None:
-            graph.replay()
+            self._replay(graph, generators)
             self.graphs.move_to_end(key)
-            self.replays += 1
             self._misses = 0
             return self.outputs
         shapes = key[1:]
@@ -152,21 +154,40 @@ class StepGraph:
             return None
         self.captures += 1
         self.graphs[key] = graph
-        graph.replay()
-        self.replays += 1
+        self._replay(graph, generators)
         return self.outputs
+
+    def _mirror(self, generators: Sequence[torch.Generator]) -> list[torch.Generator]:
+        """The graphs' own generators, one per caller's generator. The caller's are never
+        registered with a graph: a registered generator is stuck if a capture fails, and
+        the caller's must keep working eagerly (and in checkpoints)."""
+        while len(self._generators) < len(generators):
+            self._generators.append(torch.Generator(device="cuda"))
+        return self._generators[: len(generators)]
+
+    def _replay(self, graph: Any, generators: Sequence[torch.Generator]) -> None:
+        """Replay with the caller's generators' states: the draws, and how far each
+        generator advances, are exactly those of the eager step."""
+        mirrors = self._mirror(generators)
+        for gen, mirror in zip(generators, mirrors, strict=True):
+            mirror.set_state(gen.get_state())
+        graph.replay()
+        for gen, mirror in zip(generators, mirrors, strict=True):
+            gen.set_state(mirror.get_state())
+        self.replays += 1
 
     def _capture(
         self,
-        compute: Callable[[], dict[str, Tensor]],
+        compute: Callable[[Sequence[torch.Generator]], dict[str, Tensor]],
         generators: Sequence[torch.Generator],
         inputs: Sequence[Tensor],
         persistent: Sequence[Tensor],
     ) -> Any:
         assert self.outputs is not None
         graph = torch.cuda.CUDAGraph()
-        for gen in generators:
-            graph.register_generator_state(gen)
+        mirrors = self._mirror(generators)
+        for mirror in mirrors:
+            graph.register_generator_state(mirror)
         tracker = _ReadTracker()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -176,7 +197,7 @@ class StepGraph:
                 graph.capture_begin(pool=self._pool)
                 try:
                     with tracker:
-                        results = compute()
+                        results = compute(mirrors)
                         torch._foreach_copy_(
                             [self.outputs[n] for n in names], [results[n] for n in names]
                         )
@@ -185,6 +206,8 @@ class StepGraph:
                     graph.capture_end()
         except Exception as exc:  # a host sync, a CPU tensor, an unsupported op...
             torch.cuda.current_stream().wait_stream(side)
+            _unstick(side)
+            self._generators = []
             self.disable(f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
             return None
         torch.cuda.current_stream().wait_stream(side)
@@ -199,3 +222,18 @@ class StepGraph:
         self.graphs.clear()
         self.outputs = None
         self.disabled = reason
+
+
+def _unstick(stream: torch.cuda.Stream) -> None:
+    """After a failed capture torch leaves the generators it registered (the default
+    CUDA generator always) in capture mode, and every later eager draw fails. An empty
+    capture ends that mode cleanly."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            graph.capture_begin()
+            torch.empty(1, device="cuda").zero_()
+            graph.capture_end()
+    except Exception:  # nothing more can be done; the eager draw will say what is wrong
+        pass
+    torch.cuda.current_stream().wait_stream(stream)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -307,7 +307,8 @@ class DPOptimizer(Optimizer):
             or self.backward_passes
             or self.empty_forward
             or not all(getattr(x, "graph_safe", False) for x in (gs, self.clipper, self.noise))
-            or (gen is not None and gen.device.type != "cuda")
+            or gen is None  # the default generator must never enter a capture
+            or gen.device.type != "cuda"
             or not torch.cuda.is_available()
             or torch.cuda.is_current_stream_capturing()
             or not gs.has_pending()
@@ -338,7 +339,7 @@ class DPOptimizer(Optimizer):
             ),
         )
 
-        def compute() -> dict[str, Tensor]:
+        def compute(generators: Sequence[torch.Generator]) -> dict[str, Tensor]:
             sums = gs.clipped_sums(self.clipper.clip_factors(gs.per_sample_sq_norms()))
             grads = {
                 name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
@@ -346,10 +347,10 @@ class DPOptimizer(Optimizer):
                 else sums[name].to(torch.float32).reshape(p.shape)
                 for name, p in params.items()
             }
-            self.noise.add_noise(grads, std=std, generator=gen)
+            self.noise.add_noise(grads, std=std, generator=generators[0] if generators else None)
             return grads
 
-        generators = [gen] if gen is not None else []
+        generators = [gen]
         shapes = {name: (p.shape, p.device) for name, p in params.items()}
         out = self._graph.run(key, inputs, persistent, compute, generators, shapes)
         if out is None:
