@@ -499,10 +499,12 @@ class _EmbeddingKernel:
     ) -> dict[str, Tensor]:
         batch, dim = g.shape[0], g.shape[-1]
         rows = _scaled_rows(g.reshape(batch, -1, dim), factors["weight"]).reshape(-1, dim)
-        out = torch.zeros(layer.weight.shape, device=g.device, dtype=torch.float32)
-        out.index_add_(0, ids.reshape(-1), _as(rows, torch.float32))
-        if layer.padding_idx is not None:
-            out[layer.padding_idx] = 0
+        # autograd's own kernel for an embedding's weight gradient: sorted, deterministic
+        # (index_add_ adds repeated ids with atomics, in a different order every run)
+        padding_idx = layer.padding_idx if layer.padding_idx is not None else -1
+        out = torch.ops.aten.embedding_dense_backward(
+            _as(rows, torch.float32), ids.reshape(-1), layer.num_embeddings, padding_idx, False
+        )
         return {"weight": out}
 
 

@@ -86,8 +86,8 @@ class StepGraph:
     between, graphs are turned off for good.
     """
 
-    max_graphs = 4
-    max_misses = 4
+    max_graphs = 8
+    max_misses = 8
 
     def __init__(self) -> None:
         self.graphs: OrderedDict[Any, Any] = OrderedDict()

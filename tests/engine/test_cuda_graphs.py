@@ -101,11 +101,12 @@ def _assert_same(a: nn.Module, b: nn.Module) -> None:
 @pytest.mark.parametrize("kind", ["lm", "conv"])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_replayed_steps_are_bit_identical_to_eager(kind, dtype):
-    eager, opt_e = _train(kind, False, [8] * 10, dtype=dtype)
-    graphed, opt_g = _train(kind, True, [8] * 10, dtype=dtype)
+    eager, opt_e = _train(kind, False, [8] * 16, dtype=dtype)
+    graphed, opt_g = _train(kind, True, [8] * 16, dtype=dtype)
     assert opt_e._graph.replays == 0
     graph = opt_g._graph
     assert graph.disabled is None, graph.disabled
+    # replays beyond the captures' own first replay: the allocator settles quickly
     assert graph.replays - graph.captures >= 5, (graph.replays, graph.captures)
     _assert_same(eager, graphed)
 
