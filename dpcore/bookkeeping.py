@@ -96,6 +96,7 @@ class Unit:
     calls: list[Call] = field(default_factory=list)
     shared: bool = False  # owns a parameter that another unit also uses
     kernel: Any = None  # dpcore's fused arithmetic for this layer, if any
+    own_numel: int = 0  # elements of the parameters it owns (all of them, trainable or not)
 
     def qualify(self, local: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {self.names[n]: t for n, t in local.items() if n in self.names}
@@ -286,8 +287,11 @@ class _Tap(torch.autograd.Function):
             _as(weight, dtype) if dtype else weight,
             _cast(bias, dtype),
         )
-        with _no_autocast(x.device.type):
+        if op in _AUTOCAST_NATIVE:  # inputs already in autocast's dtype: its casts are no-ops
             out, extra = op.forward(unit.layer, xc, wc, bc)
+        else:
+            with _no_autocast(x.device.type):
+                out, extra = op.forward(unit.layer, xc, wc, bc)
         ctx.core, ctx.unit, ctx.op, ctx.has_bias = core, unit, op, bc is not None
         ctx.save_for_backward(xc, wc, bc, *extra)
         return out
@@ -301,6 +305,12 @@ class _Tap(torch.autograd.Function):
             with _no_autocast(xc.device.type):
                 gx = ctx.op.input_grad(ctx.unit.layer, xc, wc, bc, tuple(extra), g)
         return None, None, None, gx, None, None
+
+
+#: built-in ops whose autocast dtype is autocast's own policy for them (matmul-like in
+#: the low dtype, normalisations in float32, embeddings untouched): once their inputs are
+#: cast, running them under autocast changes nothing, and entering a context per call costs
+_AUTOCAST_NATIVE = frozenset({_LinearOp, _ConvOp, _EmbeddingOp, _LayerNormOp, _GroupNormOp})
 
 
 #: Public name of the tap interface, for layer grad samplers of plugins: a sampler may
@@ -669,6 +679,7 @@ class BookkeepingSampler:
                 tapped=op is not None,
                 batch_dim=bdim,
                 kernel=_kernel_for(layer, op, sampler),
+                own_numel=sum(p.numel() for p in own.values()),
             )
             for p in own.values():
                 if id(p) in owners:

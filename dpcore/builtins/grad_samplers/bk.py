@@ -50,9 +50,7 @@ class BookKeepingGradSampler(BookkeepingSampler):
         eager = self._eager.get(id(unit))
         if eager is None:
             kept = sum(t.numel() * t.element_size() for t in (*call.inputs, call.grad_output))
-            own = sum(
-                p.numel() for n, p in unit.layer.named_parameters(recurse=False) if n in unit.names
-            )
+            own = unit.own_numel
             # layers with a fused kernel are cheaper at the step unless their per-sample
             # gradients are far smaller than what they would keep
             ratio = 8 if unit.kernel is not None else 1
