@@ -189,7 +189,7 @@ class StepGraph:
         for mirror in mirrors:
             graph.register_generator_state(mirror)
         tracker = _ReadTracker()
-        side = torch.cuda.Stream()
+        side = _capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         names = list(self.outputs)
         try:
@@ -222,6 +222,19 @@ class StepGraph:
         self.graphs.clear()
         self.outputs = None
         self.disabled = reason
+
+
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream() -> torch.cuda.Stream:
+    """One capture stream per device for the whole process: cuBLAS keeps a workspace for
+    every stream it runs on (tens of MiB), and the captured kernels keep using it."""
+    device = torch.cuda.current_device()
+    stream = _STREAMS.get(device)
+    if stream is None:
+        stream = _STREAMS[device] = torch.cuda.Stream()
+    return stream
 
 
 def _unstick(stream: torch.cuda.Stream) -> None:
