@@ -16,6 +16,12 @@ each kind are documented on its protocol below. Stateful components expose
 strings, lists, dicts, tensors) so checkpoints load with
 ``torch.load(weights_only=True)``.
 
+Optional, on a grad sampler, clipper and noise mechanism alike: ``graph_safe = True``
+declares that the step's arithmetic is a fixed sequence of kernels for fixed shapes (no host
+synchronisation, no tensors kept between steps); when all three declare it and the grad
+sampler has ``graph_inputs()``, the DP optimizer may replay that arithmetic from a CUDA graph
+(:mod:`dpcore.graphs`, which also verifies the claim when it captures).
+
 Parameters are always identified by their qualified name in the *unwrapped*
 module (``"encoder.layer.0.weight"``), never by object identity, so factors and
 thresholds survive checkpoints and re-wrapping.
