@@ -146,6 +146,11 @@ class _Op:
     #: under autocast: "low" runs in the autocast dtype (matmul-like layers), "fp32" in
     #: float32 (normalisations, as autocast does), "none" leaves inputs alone
     autocast = "low"
+    #: True when ``forward`` uses only ops that autocast itself runs in the dtype above
+    #: (matmuls and convolutions in the low dtype, normalisations in float32, elementwise
+    #: ops and lookups untouched): with its inputs cast, running it under autocast changes
+    #: nothing, and the tap skips entering a no-autocast context per call
+    autocast_native = False
 
     @classmethod
     def dtype(cls, x: Tensor) -> torch.dtype | None:
@@ -168,6 +173,8 @@ class _Op:
 
 
 class _LinearOp(_Op):
+    autocast_native = True
+
     @staticmethod
     def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
         return F.linear(x, w, b), ()
@@ -178,6 +185,8 @@ class _LinearOp(_Op):
 
 
 class _ConvOp(_Op):
+    autocast_native = True
+
     @staticmethod
     def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
         conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
@@ -202,6 +211,8 @@ class _ConvOp(_Op):
 
 
 class _EmbeddingOp(_Op):
+    autocast_native = True
+
     autocast = "none"
 
     @staticmethod
@@ -214,6 +225,8 @@ class _EmbeddingOp(_Op):
 
 
 class _LayerNormOp(_Op):
+    autocast_native = True
+
     autocast = "fp32"
 
     @staticmethod
@@ -239,6 +252,8 @@ class _LayerNormOp(_Op):
 
 
 class _GroupNormOp(_Op):
+    autocast_native = True
+
     autocast = "fp32"
 
     @staticmethod
@@ -287,7 +302,7 @@ class _Tap(torch.autograd.Function):
             _as(weight, dtype) if dtype else weight,
             _cast(bias, dtype),
         )
-        if op in _AUTOCAST_NATIVE:  # inputs already in autocast's dtype: its casts are no-ops
+        if op.autocast_native:  # inputs already in autocast's dtype: its casts are no-ops
             out, extra = op.forward(unit.layer, xc, wc, bc)
         else:
             with _no_autocast(x.device.type):
@@ -307,18 +322,13 @@ class _Tap(torch.autograd.Function):
         return None, None, None, gx, None, None
 
 
-#: built-in ops whose autocast dtype is autocast's own policy for them (matmul-like in
-#: the low dtype, normalisations in float32, embeddings untouched): once their inputs are
-#: cast, running them under autocast changes nothing, and entering a context per call costs
-_AUTOCAST_NATIVE = frozenset({_LinearOp, _ConvOp, _EmbeddingOp, _LayerNormOp, _GroupNormOp})
-
-
 #: Public name of the tap interface, for layer grad samplers of plugins: a sampler may
 #: define ``tap_op(layer) -> TapOp subclass | None`` so that ``bk``/``ghost`` run that
 #: layer through a tap (its backward returns the input gradient only and records
 #: ``(a, g)``; autograd never forms the layer's weight gradient) instead of hooks.
 #: ``forward(layer, x, weight, bias) -> (output, extra)`` and
-#: ``input_grad(layer, x, weight, bias, extra, grad_output)``; ``autocast`` as below.
+#: ``input_grad(layer, x, weight, bias, extra, grad_output)``; ``autocast`` and
+#: ``autocast_native`` as below.
 TapOp = _Op
 
 

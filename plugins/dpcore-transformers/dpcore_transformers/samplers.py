@@ -28,6 +28,7 @@ class Conv1DTap(TapOp):
     """How ``bk``/``ghost`` run a ``Conv1D``: forward, and the input gradient only."""
 
     autocast = "low"
+    autocast_native = True  # a matmul and an add: autocast would not cast anything more
 
     @staticmethod
     def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
