@@ -96,7 +96,7 @@ class Unit:
     calls: list[Call] = field(default_factory=list)
     shared: bool = False  # owns a parameter that another unit also uses
     kernel: Any = None  # dpcore's fused arithmetic for this layer, if any
-    own_numel: int = 0  # elements of the parameters it owns (all of them, trainable or not)
+    own_numel: int = 0  # elements of its trainable parameters (at attach)
 
     def qualify(self, local: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {self.names[n]: t for n, t in local.items() if n in self.names}
@@ -211,9 +211,8 @@ class _ConvOp(_Op):
 
 
 class _EmbeddingOp(_Op):
-    autocast_native = True
-
     autocast = "none"
+    autocast_native = True
 
     @staticmethod
     def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
@@ -225,9 +224,8 @@ class _EmbeddingOp(_Op):
 
 
 class _LayerNormOp(_Op):
-    autocast_native = True
-
     autocast = "fp32"
+    autocast_native = True
 
     @staticmethod
     def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
@@ -252,9 +250,8 @@ class _LayerNormOp(_Op):
 
 
 class _GroupNormOp(_Op):
-    autocast_native = True
-
     autocast = "fp32"
+    autocast_native = True
 
     @staticmethod
     def forward(layer, x, w, b):  # type: ignore[no-untyped-def]

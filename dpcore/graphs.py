@@ -5,7 +5,7 @@ every layer's norms and clipped sums are a few small kernels, each launched from
 Python. When a step has the same shapes as the one before (a fixed batch size, as
 with the ``shuffle`` sampler or a benchmark), the DP optimizer replays those kernels
 from a CUDA graph with one launch instead. Steps whose shapes change (Poisson
-batches) run eagerly; after a few misses the optimizer stops capturing.
+batches) run eagerly; when shapes or addresses keep changing the optimizer stops trying.
 
 It engages only where every plugin of the step declares ``graph_safe = True`` (its
 arithmetic is a fixed sequence of kernels for fixed shapes, with no host
@@ -14,16 +14,19 @@ synchronisation) and the grad sampler can list the tensors it recorded
 
 * **at capture**, a dispatch mode records every tensor the captured kernels read
   that was not created inside the capture. Each must be one of the grad sampler's
-  recorded tensors or a parameter or buffer of the model; anything else (a cache a
-  plugin keeps, say) and the graph is thrown away and the step runs eagerly.
+  recorded tensors, a parameter or buffer of the model, or the graph's own output
+  buffers; anything else (a cache a plugin keeps, say) and the graph is thrown away
+  and the step runs eagerly.
 * **at replay**, the recorded tensors of the new step, and the parameters, must
   sit at the same addresses with the same layouts as at capture, and the noise
   scale and the plugins' states must be equal. The caching allocator hands out
   the same addresses for the same sequence of allocations, so in a steady
   training loop they are; when not, the step runs eagerly.
 
-The replayed result is bit-identical to the eager one (same kernels; the noise
-generator is registered with the graph, so it advances exactly as eagerly).
+The replayed result is bit-identical to the eager one: same kernels, and the noise is
+drawn from a mirror generator that takes the run's generator state before each replay
+and hands the advanced state back (the run's own generator is never registered with a
+graph, so a failed capture cannot leave it unusable).
 """
 
 from __future__ import annotations
@@ -36,10 +39,6 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
-
-
-class GraphUnsafe(RuntimeError):
-    """The captured computation reads or returns memory the graph cannot vouch for."""
 
 
 def _storage(t: Tensor) -> int:
@@ -82,8 +81,9 @@ class StepGraph:
     warmed up). Up to ``max_graphs`` captures are kept (a data loader alternates its
     batches between a few addresses); they share one memory pool and write into the
     same output buffers, so the memory they hold is one set of gradients plus the
-    largest step's scratch. After ``max_misses`` captures without a replay in
-    between, graphs are turned off for good.
+    largest step's scratch. After ``max_misses`` steps in a row that change shapes, or
+    captures in a row that never replay, graphs are turned off for good (so Poisson
+    batches pay for the bookkeeping only on their first few steps).
     """
 
     max_graphs = 8
@@ -97,6 +97,7 @@ class StepGraph:
         self._pool: Any = None
         self._generators: list[torch.Generator] = []
         self._misses = 0
+        self._changes = 0
         self._last_shapes: Any = None
         #: why graphs were turned off for this optimizer (None: still on)
         self.disabled: str | None = None
@@ -127,12 +128,16 @@ class StepGraph:
         if graph is not None:
             self._replay(graph, generators)
             self.graphs.move_to_end(key)
-            self._misses = 0
+            self._misses = self._changes = 0
             return self.outputs
         shapes = key[1:]
         if shapes != self._last_shapes:
             self._last_shapes = shapes
+            self._changes += 1
+            if self._changes > self.max_misses:
+                self.disable(f"shapes changed {self.max_misses} steps in a row (e.g. Poisson)")
             return None
+        self._changes = 0
         self._misses += 1
         if self._misses > self.max_misses:
             self.disable(f"{self.max_misses} captures in a row never replayed (addresses change)")

@@ -44,6 +44,18 @@ NoiseHook = Callable[[dict[str, Tensor], int], None]
 StepHook = Callable[["DPOptimizer"], None]
 
 
+def _dense_gradients(
+    sums: Mapping[str, Tensor], params: Mapping[str, nn.Parameter]
+) -> dict[str, Tensor]:
+    """A float32 tensor shaped like each parameter: its clipped sum, or zeros."""
+    return {
+        name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        if name not in sums
+        else sums[name].to(torch.float32).reshape(p.shape)
+        for name, p in params.items()
+    }
+
+
 class DPOptimizer(Optimizer):
     """Clips, noises and rescales gradients, then steps the wrapped optimizer.
 
@@ -280,14 +292,7 @@ class DPOptimizer(Optimizer):
 
     def _private_gradient(self, params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
         """Noised clipped sums (fp32) of every covered trainable parameter, summed over ranks."""
-        grads: dict[str, Tensor] = {}
-        for name, p in params.items():
-            s = self._summed.get(name)
-            grads[name] = (
-                torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                if s is None
-                else s.reshape(p.shape)
-            )
+        grads = _dense_gradients(self._summed, params)
         std = self._noise_std()
         if self.distributed:
             self._distributed_noise_and_reduce(grads, std)
@@ -341,13 +346,8 @@ class DPOptimizer(Optimizer):
 
         def compute(generators: Sequence[torch.Generator]) -> dict[str, Tensor]:
             sums = gs.clipped_sums(self.clipper.clip_factors(gs.per_sample_sq_norms()))
-            grads = {
-                name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                if name not in sums
-                else sums[name].to(torch.float32).reshape(p.shape)
-                for name, p in params.items()
-            }
-            self.noise.add_noise(grads, std=std, generator=generators[0] if generators else None)
+            grads = _dense_gradients(sums, params)
+            self.noise.add_noise(grads, std=std, generator=generators[0])
             return grads
 
         generators = [gen]

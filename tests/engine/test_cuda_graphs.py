@@ -61,6 +61,7 @@ def _train(
     clipping: str = "flat",
     dtype: torch.dtype | None = None,
     clipper: object = None,
+    before_step: object = None,
 ) -> tuple[nn.Module, dpcore.DPOptimizer]:
     torch.manual_seed(0)
     model = (TinyLM() if kind == "lm" else _conv()).to(device)
@@ -81,7 +82,9 @@ def _train(
     opt.cuda_graphs = graphs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # stepping without the private loader's batches
-        for x_cpu, y_cpu in _batches(kind, sizes):
+        for i, (x_cpu, y_cpu) in enumerate(_batches(kind, sizes)):
+            if before_step is not None:
+                before_step(opt, i)
             x, y = x_cpu.to(device), y_cpu.to(device)
             opt.zero_grad()
             with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
@@ -119,6 +122,31 @@ def test_changing_batch_sizes_run_eagerly_and_stay_identical():
     graphed, opt = _train("lm", True, sizes)
     _assert_same(eager, graphed)
     assert opt._graph.captures >= 1, opt._graph.disabled
+
+
+@cuda
+@pytest.mark.gpu
+def test_sizes_that_always_change_turn_graphs_off():
+    sizes = [8, 5, 7, 4, 8, 6, 3, 8, 5, 7, 4, 6]
+    eager, _ = _train("lm", False, sizes)
+    graphed, opt = _train("lm", True, sizes)
+    assert opt._graph.disabled is not None and opt._graph.disabled.startswith("shapes changed")
+    assert opt._graph.captures == 0
+    _assert_same(eager, graphed)
+
+
+@cuda
+@pytest.mark.gpu
+def test_a_new_noise_scale_is_never_replayed_from_an_old_graph():
+    """σ·C is baked into a capture: changing σ mid-run must capture anew, not replay."""
+
+    def schedule(opt, i):
+        opt.noise_multiplier = 0.7 if i < 6 else 3.0
+
+    eager, _ = _train("conv", False, [8] * 12, before_step=schedule)
+    graphed, opt = _train("conv", True, [8] * 12, before_step=schedule)
+    assert opt._graph.disabled is None and opt._graph.captures >= 2
+    _assert_same(eager, graphed)
 
 
 @cuda

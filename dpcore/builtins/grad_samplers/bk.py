@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from dpcore.bookkeeping import _ROW_FACTORS, BookkeepingSampler, Call, Unit, _trainable
+from dpcore.bookkeeping import BookkeepingSampler, Call, Unit, _trainable
 from dpcore.hookspecs import Register
 
 
@@ -120,7 +120,6 @@ class BookKeepingGradSampler(BookkeepingSampler):
             for unit, unit_calls in zip(self.units, calls, strict=True):
                 unit.calls = list(unit_calls)
             self._materialised, self._batch_size, self._eager = dict(materialised), batch, eager
-            _ROW_FACTORS.clear()
 
         return tensors, batch, restore
 
