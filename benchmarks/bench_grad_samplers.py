@@ -127,7 +127,19 @@ def _non_private(
         loss.backward()
         opt.step()
 
+    step.parts = _parts(w, model, opt, device, dtype, x, y)  # type: ignore[attr-defined]
     return step
+
+
+def _parts(w, model, opt, device, dtype, x, y):  # type: ignore[no-untyped-def]
+    """The step in three calls (for profile_segments.py)."""
+
+    def forward():  # type: ignore[no-untyped-def]
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            return w.loss(model(x), y)
+
+    return {"forward": forward, "backward": lambda loss: loss.backward(), "step": opt.step}
 
 
 def _dpcore(mode: str) -> Callable[..., Callable[[], None]]:
@@ -168,6 +180,7 @@ def _dpcore(mode: str) -> Callable[..., Callable[[], None]]:
 
         step.engine = engine  # type: ignore[attr-defined]  # keep it alive with the step
         step.optimizer = opt  # type: ignore[attr-defined]
+        step.parts = _parts(w, model, opt, device, dtype, x, y)  # type: ignore[attr-defined]
         return step
 
     return setup

@@ -130,6 +130,19 @@ def make_step(mode: str, model: torch.nn.Module, ids: torch.Tensor, dtype: torch
         causal_lm_loss(logits, ids).backward()
         optimizer.step()
 
+    def forward() -> torch.Tensor:
+        optimizer.zero_grad()
+        with autocast(ids.device, dtype):
+            logits = forward_model(input_ids=ids).logits
+        return causal_lm_loss(logits, ids)
+
+    # for profile_summary.py and profile_segments.py
+    step.optimizer = optimizer  # type: ignore[attr-defined]
+    step.parts = {
+        "forward": forward,
+        "backward": lambda loss: loss.backward(),
+        "step": optimizer.step,
+    }  # type: ignore[attr-defined]
     return step
 
 

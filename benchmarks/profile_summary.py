@@ -1,6 +1,8 @@
 """Is a private step bound by the GPU or by the host? One line per (model, mode, dtype).
 
-python benchmarks/profile_summary.py mlp:fp32 cnn:fp32 gpt:fp32 gpt:bf16 --mode bk
+python benchmarks/profile_summary.py mlp:fp32 cnn:fp32 gpt:fp32 gpt:bf16 hf:bf16 --mode bk
+
+(``hf`` is bench_hf.py's GPT-2 124M case and needs dpcore-transformers installed.)
 
 For each case: the step's wall time (synchronised), the host time to *issue* it (no
 synchronisation: when close to the wall time the step is host-bound), the summed GPU
@@ -23,14 +25,34 @@ import bench_grad_samplers as bench
 from models import workloads
 
 
-def measure(name: str, mode: str, dtype: str, top: int) -> None:
+def _workload_step(name: str, mode: str, dtype: str):  # type: ignore[no-untyped-def]
     device = torch.device("cuda")
     w = workloads()[name]
     torch.manual_seed(0)
     model = w.build().to(device)
     x, y = w.make_batch(w.batch, device, torch.Generator().manual_seed(0))
     setup = bench._non_private if mode == "non-private" else bench._dpcore(mode)
-    step = setup(w, model, device, dtype, x, y)
+    return setup(w, model, device, dtype, x, y)
+
+
+def _hf_step(mode: str, dtype: str):  # type: ignore[no-untyped-def]
+    """GPT-2 124M, seq 512, batch 16 (bench_hf.py's case; needs dpcore-transformers)."""
+    import bench_hf
+
+    device = torch.device("cuda")
+    model = bench_hf.build(False, device, lora=False)
+    ids = torch.randint(
+        0, model.config.vocab_size, (16, 512), generator=torch.Generator().manual_seed(0)
+    )
+    mode = mode if mode == "non-private" else f"dpcore-{mode}"
+    return bench_hf.make_step(
+        mode, model, ids.to(device), torch.bfloat16 if dtype == "bf16" else None
+    )
+
+
+def measure(name: str, mode: str, dtype: str, top: int) -> None:
+    device = torch.device("cuda")
+    step = _hf_step(mode, dtype) if name == "hf" else _workload_step(name, mode, dtype)
     wall = statistics.median(bench._timed(step, device, 5, 20))
     host = []
     for _ in range(10):

@@ -470,19 +470,30 @@ class _LinearKernel:
         return out
 
     def clipped_sums(
-        self, layer: Any, a: Tensor, g: Tensor, factors: Mapping[str, Tensor]
+        self,
+        layer: Any,
+        a: Tensor,
+        g: Tensor,
+        factors: Mapping[str, Tensor],
+        in_out: bool = False,
     ) -> dict[str, Tensor]:
+        """``Σ_i c_i Σ_t g_it a_itᵀ`` as ``[out, in]`` (``in_out``: ``[in, out]``, as
+        Conv1D stores it, computed in that layout rather than transposed afterwards)."""
         a, g = self.sequences(a, g)
+        a = _as(a, g.dtype)
         out: dict[str, Tensor] = {}
         cw = factors.get("weight")
-        gw = None
         if cw is not None:
-            gw = _scaled_rows(g, cw).flatten(0, 1)
-            out["weight"] = _mm32(gw.mT, _as(a.flatten(0, 1), gw.dtype))
+            # c scales a sample's rows of a or of g alike: scale the narrower of the two
+            if a.shape[-1] < g.shape[-1]:
+                a2, g2 = _scaled_rows(a, cw).flatten(0, 1), g.flatten(0, 1)
+            else:
+                a2, g2 = a.flatten(0, 1), _scaled_rows(g, cw).flatten(0, 1)
+            out["weight"] = _mm32(a2.mT, g2) if in_out else _mm32(g2.mT, a2)
         cb = factors.get("bias")
         if cb is not None:
-            gb = gw if cb is cw and gw is not None else _scaled_rows(g, cb).flatten(0, 1)
-            out["bias"] = gb.sum(0, dtype=torch.float32)
+            per_sample = g.sum(1, dtype=torch.float32)
+            out["bias"] = per_sample.mT @ cb.to(device=g.device, dtype=torch.float32)
         return out
 
 

@@ -47,13 +47,19 @@ StepHook = Callable[["DPOptimizer"], None]
 def _dense_gradients(
     sums: Mapping[str, Tensor], params: Mapping[str, nn.Parameter]
 ) -> dict[str, Tensor]:
-    """A float32 tensor shaped like each parameter: its clipped sum, or zeros."""
-    return {
-        name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        if name not in sums
-        else sums[name].to(torch.float32).reshape(p.shape)
-        for name, p in params.items()
-    }
+    """A float32 tensor shaped and laid out like each parameter: its clipped sum, or
+    zeros. (The same strides as the parameter keep the optimizer's foreach kernels on
+    their fast path: one mismatched gradient sends every parameter through a loop.)"""
+    out = {}
+    for name, p in params.items():
+        if name not in sums:
+            out[name] = torch.zeros_like(p, dtype=torch.float32)
+            continue
+        g = sums[name].to(torch.float32).reshape(p.shape)
+        if g.stride() != p.stride():
+            g = torch.empty_like(p, dtype=torch.float32).copy_(g)
+        out[name] = g
+    return out
 
 
 class DPOptimizer(Optimizer):

@@ -32,9 +32,9 @@ class Conv1DTap(TapOp):
 
     @staticmethod
     def forward(layer, x, w, b):  # type: ignore[no-untyped-def]
-        out = x.reshape(-1, x.shape[-1]) @ w
-        if b is not None:
-            out = out + b
+        x2 = x.reshape(-1, x.shape[-1])
+        # one GEMM with the bias in its epilogue, as Conv1D itself runs (addmm)
+        out = x2 @ w if b is None else torch.addmm(b, x2, w)
         return out.reshape(*x.shape[:-1], w.shape[1]), ()
 
     @staticmethod
@@ -82,10 +82,8 @@ class Conv1DGradSampler(MaterializingLayerGradSampler):
         a, g = self._inputs(inputs, grad_output)
         want = _wanted(layer)
         out = self._kernel.clipped_sums(
-            layer, a, g, {n: f for n, f in factors.items() if n in want}
+            layer, a, g, {n: f for n, f in factors.items() if n in want}, in_out=True
         )
-        if "weight" in out:
-            out["weight"] = out["weight"].T
         return {n: t.to(layer.weight.dtype) for n, t in out.items()}
 
     merge_calls = staticmethod(LinearGradSampler.merge_calls)
