@@ -449,13 +449,18 @@ class _LinearKernel:
             if "bias" in want:
                 out["bias"] = g2
             return out
+        gg = None
         if "weight" in want:
             if _ghost_is_cheaper(positions, p * d):
-                out["weight"] = (_gram(a) * _gram(g)).sum((1, 2))
+                gg = _gram(g)
+                out["weight"] = (_gram(a) * gg).sum((1, 2))
             else:
                 out["weight"] = _bmm32(g.mT, _as(a, g.dtype)).square().sum((1, 2))
         if "bias" in want:
-            out["bias"] = g.sum(1, dtype=torch.float32).square().sum(1)
+            # ||Σ_t g_t||² = Σ_{t,s} g_t·g_s: from the Gram when there is one (T² reads, not T·p)
+            out["bias"] = (
+                gg.sum((1, 2)) if gg is not None else g.sum(1, dtype=torch.float32).square().sum(1)
+            )
         return out
 
     def per_sample_grads(

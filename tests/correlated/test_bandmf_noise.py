@@ -90,7 +90,7 @@ def test_one_band_is_plain_gaussian_draws_bit_for_bit() -> None:
         expected = {k: v.clone() for k, v in grads.items()}
         noise.add_noise(grads, std=0.37, generator=gen_a)
         for k, v in expected.items():
-            v.add_(standard_normal(v.shape, generator=gen_b) * 0.37)
+            v.add_(standard_normal(v.shape, generator=gen_b), alpha=0.37)
             assert torch.equal(grads[k], v)
 
 

@@ -95,7 +95,7 @@ class BandMFNoise:
                 grad.shape, generator=generator, device=grad.device, secure=self.secure
             )
             if keep == 0:  # one band: exactly gaussian's arithmetic, whatever the dtype
-                grad.add_(z.to(dtype=grad.dtype) * std)
+                grad.add_(z.to(dtype=grad.dtype), alpha=std)
                 self._history[name] = []
                 continue
             past = self._history.get(name, [])

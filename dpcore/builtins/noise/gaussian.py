@@ -22,9 +22,8 @@ _CHUNK_NUMEL = 1 << 24
 
 
 def _scaled_add(targets: list[Tensor], draws: list[Tensor], std: float) -> None:
-    """``g += z * std`` for every pair, the product rounded first (as unfused)."""
-    torch._foreach_mul_(draws, std)
-    torch._foreach_add_(targets, draws)
+    """``g += std * z`` for every pair, in one pass over the memory."""
+    torch._foreach_add_(targets, draws, alpha=std)
 
 
 class GaussianOptions(BaseModel):
@@ -58,7 +57,7 @@ class GaussianNoise:
         # the draws stay one call per parameter in dict order (the contract that makes
         # seeded runs reproducible and bandmf with one band identical); the scaling and
         # the addition are one foreach launch per chunk of parameters (launch overhead
-        # bounds small models), rounding exactly like g + z * std. Chunks bound the
+        # bounds small models), the arithmetic of g.add_(z, alpha=std). Chunks bound the
         # memory the pending draws take.
         targets: list[Tensor] = []
         draws: list[Tensor] = []
@@ -68,7 +67,7 @@ class GaussianNoise:
                 g.shape, generator=generator, device=g.device, secure=self.secure
             )
             if g.dtype != z.dtype:  # low-precision sums: the plain per-parameter formula
-                g.add_(z.to(dtype=g.dtype) * std)
+                g.add_(z.to(dtype=g.dtype), alpha=std)
                 continue
             targets.append(g)
             draws.append(z)
