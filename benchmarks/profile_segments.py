@@ -25,7 +25,11 @@ import profile_summary
 
 
 def segments(name: str, mode: str, dtype: str) -> None:
-    step = profile_summary._hf_step(mode, dtype) if name == "hf" else None
+    step = (
+        profile_summary._hf_step(mode, dtype, lora=name == "hflora")
+        if name.startswith("hf")
+        else None
+    )
     if step is None:
         step = profile_summary._workload_step(name, mode, dtype)
     parts = step.parts  # type: ignore[attr-defined]
@@ -84,7 +88,11 @@ def kernels(name: str, mode: str, dtype: str, top: int = 12) -> None:
     """The GPU kernels of each segment, eager (CUDA graphs off so that each kernel shows)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = profile_summary._hf_step(mode, dtype) if name == "hf" else None
+    step = (
+        profile_summary._hf_step(mode, dtype, lora=name == "hflora")
+        if name.startswith("hf")
+        else None
+    )
     if step is None:
         step = profile_summary._workload_step(name, mode, dtype)
     optimizer = getattr(step, "optimizer", None)

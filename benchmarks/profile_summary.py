@@ -35,12 +35,12 @@ def _workload_step(name: str, mode: str, dtype: str):  # type: ignore[no-untyped
     return setup(w, model, device, dtype, x, y)
 
 
-def _hf_step(mode: str, dtype: str):  # type: ignore[no-untyped-def]
+def _hf_step(mode: str, dtype: str, lora: bool = False):  # type: ignore[no-untyped-def]
     """GPT-2 124M, seq 512, batch 16 (bench_hf.py's case; needs dpcore-transformers)."""
     import bench_hf
 
     device = torch.device("cuda")
-    model = bench_hf.build(False, device, lora=False)
+    model = bench_hf.build(False, device, lora=lora)
     ids = torch.randint(
         0, model.config.vocab_size, (16, 512), generator=torch.Generator().manual_seed(0)
     )
@@ -52,7 +52,11 @@ def _hf_step(mode: str, dtype: str):  # type: ignore[no-untyped-def]
 
 def measure(name: str, mode: str, dtype: str, top: int) -> None:
     device = torch.device("cuda")
-    step = _hf_step(mode, dtype) if name == "hf" else _workload_step(name, mode, dtype)
+    step = (
+        _hf_step(mode, dtype, lora=name == "hflora")
+        if name.startswith("hf")
+        else _workload_step(name, mode, dtype)
+    )
     wall = statistics.median(bench._timed(step, device, 5, 20))
     host = []
     for _ in range(10):
