@@ -162,3 +162,16 @@ def test_noise_std_uses_the_clippers_noise_multiplier_and_sensitivity():
     assert clipper.ended == 1.0
     sd = model.weight.grad.std().item()
     assert sd == pytest.approx(2 * 0.5 * 3.0, rel=4 / math.sqrt(2000))
+
+
+def test_module_tensors_walks_like_parameters_and_buffers() -> None:
+    from dpcore.optimizer import _module_tensors
+
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(shared, nn.BatchNorm1d(2), nn.Sequential(shared, nn.Linear(2, 3)))
+    model.register_parameter("loose", nn.Parameter(torch.zeros(1)))
+    params, buffers = _module_tensors(model)
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()}
+    assert len(params) == len(list(model.parameters()))
+    assert {id(b) for b in buffers} == {id(b) for b in model.buffers()}
+    assert len(buffers) == len(list(model.buffers()))

@@ -469,3 +469,28 @@ def test_public_checker_accepts_fast_modes(mode: str) -> None:
         grad_sample_mode=mode,
     )
     assert report.ok, str(report)
+
+
+class _WideNarrow(nn.Module):
+    """Sequence linears that widen then narrow: clip factors scale ``a`` in one and
+    ``g`` in the other, and biases take their norms from the Gram or from sums."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(3, 12)
+        self.down = nn.Linear(12, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(torch.tanh(self.up(x)))
+
+
+def _sum_sq(out: Tensor, y: Tensor) -> Tensor:
+    return (out - y).pow(2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("positions", [2, 6])  # 2T² = 8 <= 36 (ghost); 72 > 36 (instantiate)
+def test_narrow_and_wide_sides_with_bias(mode: str, positions: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(5, positions, 3, generator=g), torch.randn(5, positions, 2, generator=g)
+    check(mode, _WideNarrow, x, y, _sum_sq)

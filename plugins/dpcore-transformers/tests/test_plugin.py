@@ -41,3 +41,31 @@ def test_core_never_imports_transformers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_gradients_keep_the_parameter_layout() -> None:
+    """Conv1D stores its weight as [in, out]: its clipped sum must arrive in that layout
+    (a transposed gradient would send the whole optimizer update through its per-tensor
+    loop instead of the foreach kernels)."""
+    import torch
+    from hf_models import FAMILIES
+    from torch.utils.data import DataLoader, TensorDataset
+
+    fam = FAMILIES["gpt2"]
+    torch.manual_seed(0)
+    model = fam.build()
+    inputs, labels = fam.inputs(), fam.targets()
+    loader = DataLoader(TensorDataset(labels), batch_size=len(labels))
+    for mode in ("bk", "ghost", "hooks"):
+        m = fam.build()
+        m.load_state_dict(model.state_dict())
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        engine = dpcore.PrivacyEngine(accountant="rdp")
+        m, opt, _ = engine.make_private(
+            module=m, optimizer=opt, data_loader=loader, noise_multiplier=0.0,
+            max_grad_norm=1.0, grad_sample_mode=mode, wrap_model=False,
+        )  # fmt: skip
+        fam.loss(m(**inputs), labels).backward()
+        opt.step()
+        for name, p in m.named_parameters():
+            assert p.grad is not None and p.grad.stride() == p.stride(), (mode, name)
