@@ -25,13 +25,7 @@ import profile_summary
 
 
 def segments(name: str, mode: str, dtype: str) -> None:
-    step = (
-        profile_summary._hf_step(mode, dtype, lora=name == "hflora")
-        if name.startswith("hf")
-        else None
-    )
-    if step is None:
-        step = profile_summary._workload_step(name, mode, dtype)
+    step = profile_summary.make_step(name, mode, dtype)
     parts = step.parts  # type: ignore[attr-defined]
     for _ in range(5):
         step()
@@ -88,13 +82,7 @@ def kernels(name: str, mode: str, dtype: str, top: int = 12) -> None:
     """The GPU kernels of each segment, eager (CUDA graphs off so that each kernel shows)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = (
-        profile_summary._hf_step(mode, dtype, lora=name == "hflora")
-        if name.startswith("hf")
-        else None
-    )
-    if step is None:
-        step = profile_summary._workload_step(name, mode, dtype)
+    step = profile_summary.make_step(name, mode, dtype)
     optimizer = getattr(step, "optimizer", None)
     if hasattr(optimizer, "cuda_graphs"):
         optimizer.cuda_graphs = False  # type: ignore[union-attr]
@@ -129,20 +117,13 @@ def kernels(name: str, mode: str, dtype: str, top: int = 12) -> None:
 
 
 def main() -> None:
-    if "--kernels" in sys.argv:
-        modes = [sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "--mode"] or ["bk"]
-        cases = [a for a in sys.argv[1:] if not a.startswith("--") and a not in modes]
-        for case in cases:
-            name, dtype = case.split(":")
-            for mode in ["non-private", *modes]:
-                kernels(name, mode, dtype)
-        return
     modes = [sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "--mode"] or ["bk"]
     cases = [a for a in sys.argv[1:] if not a.startswith("--") and a not in modes]
+    run = kernels if "--kernels" in sys.argv else segments
     for case in cases:
         name, dtype = case.split(":")
         for mode in ["non-private", *modes]:
-            segments(name, mode, dtype)
+            run(name, mode, dtype)
 
 
 if __name__ == "__main__":

@@ -50,13 +50,16 @@ def _hf_step(mode: str, dtype: str, lora: bool = False):  # type: ignore[no-unty
     )
 
 
+def make_step(name: str, mode: str, dtype: str):  # type: ignore[no-untyped-def]
+    """The benchmark step of a case: a workload of models.py, or ``hf``/``hflora``."""
+    if name.startswith("hf"):
+        return _hf_step(mode, dtype, lora=name == "hflora")
+    return _workload_step(name, mode, dtype)
+
+
 def measure(name: str, mode: str, dtype: str, top: int) -> None:
     device = torch.device("cuda")
-    step = (
-        _hf_step(mode, dtype, lora=name == "hflora")
-        if name.startswith("hf")
-        else _workload_step(name, mode, dtype)
-    )
+    step = make_step(name, mode, dtype)
     wall = statistics.median(bench._timed(step, device, 5, 20))
     host = []
     for _ in range(10):
