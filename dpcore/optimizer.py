@@ -46,9 +46,8 @@ StepHook = Callable[["DPOptimizer"], None]
 
 def _module_tensors(module: nn.Module) -> tuple[list[nn.Parameter], list[Tensor]]:
     """Every parameter and buffer of ``module`` (each once), like ``parameters()`` and
-    ``buffers()`` but in one flat walk: these run at every step, and torch's generators
-    build a qualified name for every module (a large share of the step's host time on a
-    PEFT-wrapped model)."""
+    ``buffers()``, in one flat walk instead of torch's named, recursive generators (this
+    runs at every step; a PEFT-wrapped GPT-2 has ~650 modules)."""
     params: dict[int, nn.Parameter] = {}
     buffers: dict[int, Tensor] = {}
     stack, seen = [module], set()
