@@ -268,11 +268,13 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        graphed = None if self._skip_next else self._graphed_private_gradient()
+        params = self._covered_trainable()
+        # one walk of the model per step serves the graph key and the coverage check
+        walked = _module_tensors(self._module) if self._module is not None else None
+        graphed = None if self._skip_next else self._graphed_private_gradient(params, walked)
         if graphed is None:
             self.flush()
-        params = self._covered_trainable()
-        self._check_coverage(params)
+        self._check_coverage(params, walked)
         if self._skip_next:
             self._skip_next = False
             self._last_step_skipped = True
@@ -328,7 +330,11 @@ class DPOptimizer(Optimizer):
             self.noise.add_noise(grads, std=std, generator=self.noise_generator)
         return grads
 
-    def _graphed_private_gradient(self) -> dict[str, Tensor] | None:
+    def _graphed_private_gradient(
+        self,
+        params: Mapping[str, nn.Parameter],
+        walked: tuple[list[nn.Parameter], list[Tensor]] | None,
+    ) -> dict[str, Tensor] | None:
         """Flush and noise of a step with one backward pass, replayed from a CUDA graph
         (:mod:`dpcore.graphs`); None: the step runs eagerly."""
         gs, gen = self.grad_sampler, self.noise_generator
@@ -351,17 +357,11 @@ class DPOptimizer(Optimizer):
         if prepared is None:
             return None
         inputs, batch, restore = prepared
-        params = self._covered_trainable()
         if not inputs or not all(t.is_cuda for t in (*inputs, *params.values())):
             return None
         self._check_zero_grad_called()
         std = self._noise_std()
-        module = self._module
-        if module is not None:
-            module_params, module_buffers = _module_tensors(module)
-            persistent = [*module_params, *module_buffers]
-        else:
-            persistent = [*params.values()]
+        persistent = [*walked[0], *walked[1]] if walked is not None else [*params.values()]
         key = StepGraph.make_key(
             inputs,
             persistent,
@@ -424,7 +424,11 @@ class DPOptimizer(Optimizer):
         where = f"param_groups[{group}]['params'][{index}]"
         return f"{name!r} ({where})" if name else f"{where} of shape {tuple(p.shape)}"
 
-    def _check_coverage(self, covered: Mapping[str, nn.Parameter]) -> None:
+    def _check_coverage(
+        self,
+        covered: Mapping[str, nn.Parameter],
+        walked: tuple[list[nn.Parameter], list[Tensor]] | None,
+    ) -> None:
         covered_ids = {id(p) for p in self.grad_sampler.named_parameters().values()}
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
@@ -436,16 +440,12 @@ class DPOptimizer(Optimizer):
                         "private model. dpcore never applies a raw gradient; create or unfreeze every "
                         "parameter before make_private, or freeze it (requires_grad=False)."
                     )
-        if self._module is not None:
+        if self._module is not None and walked is not None:
             # A parameter of the model that the grad sampler does not cover (a PEFT adapter
             # materialised or replaced after make_private, a layer unfrozen later) would be
             # silently never updated (the optimizer does not hold it) or updated with a raw
             # gradient: refuse, naming it.
-            uncovered = [
-                p
-                for p in _module_tensors(self._module)[0]
-                if p.requires_grad and id(p) not in covered_ids
-            ]
+            uncovered = [p for p in walked[0] if p.requires_grad and id(p) not in covered_ids]
             if uncovered:  # the slow walk only to name it
                 name = next(n for n, p in self._module.named_parameters() if p is uncovered[0])
                 raise PrivacyEngineError(
