@@ -292,6 +292,14 @@ def available_modes(only: list[str] | None) -> dict[str, Callable[..., Callable[
 # ----------------------------------------------------------------------------------------
 # running
 # ----------------------------------------------------------------------------------------
+def graph_stats(step: Callable[[], None]) -> dict[str, Any] | None:
+    """How the DP optimizer's CUDA graphs fared in a timed run (None: not a dpcore step)."""
+    graph = getattr(getattr(step, "optimizer", None), "_graph", None)
+    if graph is None:
+        return None
+    return {"captures": graph.captures, "replays": graph.replays, "off": graph.disabled}
+
+
 def run_one(
     w: Workload,
     mode: str,
@@ -329,6 +337,9 @@ def run_one(
                 peak_mem_gib=_peak_gib(device),
                 step_ms_spread=[round(min(times), 3), round(max(times), 3)],
             )
+            graphs = graph_stats(step)
+            if graphs is not None:
+                row["cuda_graphs"] = graphs
             if kwargs:
                 row["note"] = "position ids expanded to the batch (Opacus fails on broadcast ones)"
         except Exception as exc:

@@ -16,11 +16,15 @@ and ``peft`` for the LoRA rows. Runs standalone::
     python benchmarks/bench_hf.py --small --device cpu                 # seconds on a CPU
 
 A step is ``zero_grad; forward (autocast); loss; backward; step``; the loss is the
-mean over samples of each sample's mean token loss (``causal_lm_loss``). Time: median
-of ``--steps`` steps after ``--warmup``. Memory: peak allocated by torch during the
-mode (model and optimizer included). Each JSON row has ``model, mode, dtype, batch,
-step_ms, samples_per_s, peak_mem_gib, device`` (+ ``seq``, ratios to the matching
-non-private baseline, and ``error`` for a mode that failed).
+mean over samples of each sample's mean token loss (``causal_lm_loss``). All modes are
+built and warmed up (``--warmup`` steps) first; then each is timed in ``--rounds``
+interleaved rounds of a few synchronised steps (``--steps`` in all per mode), so that a
+drifting machine affects every mode alike. Time: the median step; ``step_ms_spread`` is
+the fastest and slowest. Memory: peak allocated by torch while the mode was built and
+warmed up (model and optimizer included), less what earlier modes hold. Each JSON row has
+``model, mode, dtype, batch, step_ms, samples_per_s, peak_mem_gib, device`` (+ ``seq``,
+ratios to the matching non-private baseline, the CUDA-graph replays of dpcore's step, and
+``error`` for a mode that failed).
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
+def timed(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Milliseconds of each of ``steps`` synchronised steps after ``warmup``."""
     for _ in range(warmup):
         step()
     sync(device)
@@ -80,8 +85,8 @@ def timed(step: Callable[[], None], device: torch.device, warmup: int, steps: in
         start = time.perf_counter()
         step()
         sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        times.append((time.perf_counter() - start) * 1000)
+    return times
 
 
 def make_step(mode: str, model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype | None):  # type: ignore[no-untyped-def]
@@ -152,7 +157,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def run(mode: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def prepare(
+    mode: str, args: argparse.Namespace, device: torch.device
+) -> tuple[dict[str, Any], Callable[[], None] | None]:
+    """A mode's row and its step (None if it failed), after its warmup steps.
+
+    The peak memory is the mode's own: what it allocated at most while it was built and
+    warmed up, less what the modes built before it hold.
+    """
     lora = mode.endswith("-lora")
     base_mode = mode.removesuffix("-lora")
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
@@ -163,24 +175,51 @@ def run(mode: str, args: argparse.Namespace, device: torch.device) -> dict[str, 
         "peak_mem_gib": None, "device": device_name(device),
     }  # fmt: skip
     gc.collect()
+    base = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     try:
         model = build(args.small, device, lora)
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
         step = make_step(base_mode, model, ids.to(device), dtype)
-        ms = timed(step, device, args.warmup, args.steps)
-        row["step_ms"] = round(ms, 2)
-        row["samples_per_s"] = round(batch / ms * 1000, 2)
+        timed(step, device, args.warmup, 0)
         if device.type == "cuda":
-            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 4)
+            peak = torch.cuda.max_memory_allocated(device) - base
+            row["peak_mem_gib"] = round(peak / 2**30, 4)
+        return row, step
     except Exception as exc:  # a failing mode gets a row with its error
         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         if args.verbose:
             traceback.print_exc()
-    return row
+        return row, None
+
+
+def measure(
+    prepared: list[tuple[dict[str, Any], Callable[[], None] | None]],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> None:
+    """Time the prepared modes in interleaved rounds (a few steps of each mode per round),
+    so that drifts of the machine (clocks, a noisy host) fall on every mode alike."""
+    live = [(row, step) for row, step in prepared if step is not None]
+    times: dict[int, list[float]] = {id(row): [] for row, _ in live}
+    per_round = max(1, -(-args.steps // args.rounds))
+    for _ in range(args.rounds):
+        for row, step in live:
+            times[id(row)] += timed(step, device, 1, per_round)  # one step re-warms the mode
+    for row, step in live:
+        ms = statistics.median(times[id(row)])
+        row["step_ms"] = round(ms, 2)
+        row["step_ms_spread"] = [round(min(times[id(row)]), 2), round(max(times[id(row)]), 2)]
+        row["samples_per_s"] = round(row["batch"] / ms * 1000, 2)
+        graph = getattr(getattr(step, "optimizer", None), "_graph", None)
+        if graph is not None:  # did the clip-and-noise stage replay from CUDA graphs?
+            row["cuda_graphs"] = {
+                "captures": graph.captures, "replays": graph.replays, "off": graph.disabled
+            }
 
 
 def device_name(device: torch.device) -> str:
@@ -223,7 +262,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds the timed steps are split into"
+    )
     parser.add_argument("--modes", nargs="*", default=None)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     parser.add_argument("--verbose", action="store_true")
@@ -256,10 +298,10 @@ def main() -> None:
         print("peft is not installed: the LoRA rows are skipped")
         modes = [m for m in modes if not m.endswith("-lora")]
     device = torch.device(args.device)
-    rows = []
-    for mode in args.modes or modes:
-        row = run(mode, args, device)
-        rows.append(row)
+    prepared = [prepare(mode, args, device) for mode in args.modes or modes]
+    measure(prepared, args, device)
+    rows = [row for row, _ in prepared]
+    for row in rows:
         print(json.dumps(row))
     add_ratios(rows)
     table = markdown(rows)
