@@ -17,11 +17,13 @@ synchronisation) and the grad sampler can list the tensors it recorded
   recorded tensors, a parameter or buffer of the model, or the graph's own output
   buffers; anything else (a cache a plugin keeps, say) and the graph is thrown away
   and the step runs eagerly.
-* **at replay**, the recorded tensors of the new step, and the parameters, must
-  sit at the same addresses with the same layouts as at capture, and the noise
-  scale and the plugins' states must be equal. The caching allocator hands out
-  the same addresses for the same sequence of allocations, so in a steady
-  training loop they are; when not, the step runs eagerly.
+* **at replay**, the recorded tensors of the new step, and the model's tensors
+  the capture read (usually none), must sit at the same addresses with the same
+  layouts as at capture, the model must hold the same tensors (else it is walked
+  anew and the step captured anew), and the noise scale and the plugins' states
+  must be equal. The caching allocator hands out the same addresses for the same
+  sequence of allocations, so in a steady training loop they are; when not, the
+  step runs eagerly.
 
 The replayed result is bit-identical to the eager one: same kernels, and the noise is
 drawn from a mirror generator that takes the run's generator state before each replay
@@ -32,7 +34,7 @@ graph, so a failed capture cannot leave it unusable).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -94,6 +96,8 @@ class StepGraph:
         self.outputs: dict[str, Tensor] | None = None
         self.captures = 0
         self.replays = 0
+        #: (structure, indices of the persistent tensors the captures read)
+        self._reads: tuple[Any, list[int]] | None = None
         self._pool: Any = None
         self._generators: list[torch.Generator] = []
         self._misses = 0
@@ -102,17 +106,24 @@ class StepGraph:
         #: why graphs were turned off for this optimizer (None: still on)
         self.disabled: str | None = None
 
-    @staticmethod
-    def make_key(inputs: Sequence[Tensor], persistent: Iterable[Tensor], extra: Any) -> Any:
-        """(addresses, layouts and ``extra``) of one step: equal keys replay."""
-        tensors = (*inputs, *persistent)
-        return tuple(t.data_ptr() for t in tensors), tuple(map(_layout, tensors)), extra
+    def key(
+        self, inputs: Sequence[Tensor], persistent: Sequence[Tensor], structure: Any, extra: Any
+    ) -> Any:
+        """(addresses, layouts, ``structure`` and ``extra``) of one step: equal keys replay.
+
+        Of ``persistent`` (the model's tensors, listed the same way while ``structure``
+        is unchanged) only those the captured kernels read count, once a capture has
+        shown which (typically none: the arithmetic reads only the recorded tensors)."""
+        reads = self._reads[1] if self._reads is not None and self._reads[0] == structure else None
+        chosen = [*inputs, *(persistent if reads is None else [persistent[i] for i in reads])]
+        return tuple(t.data_ptr() for t in chosen), tuple(map(_layout, chosen)), structure, extra
 
     def run(
         self,
-        key: Any,
         inputs: Sequence[Tensor],
         persistent: Sequence[Tensor],
+        structure: Any,
+        extra: Any,
         compute: Callable[[Sequence[torch.Generator]], dict[str, Tensor]],
         generators: Sequence[torch.Generator],
         outputs: Mapping[str, tuple[torch.Size, torch.device]],
@@ -124,6 +135,7 @@ class StepGraph:
         ``generators`` (same states, advanced the same)."""
         if self.disabled is not None:
             return None
+        key = self.key(inputs, persistent, structure, extra)
         graph = self.graphs.get(key)
         if graph is not None:
             self._replay(graph, generators)
@@ -154,11 +166,15 @@ class StepGraph:
             self.graphs.popitem(last=False)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = self._capture(compute, generators, inputs, persistent)
-        if graph is None:
+        captured = self._capture(compute, generators, inputs, persistent)
+        if captured is None:
             return None
+        graph, reads = captured
+        if self._reads is None or self._reads[0] != structure or self._reads[1] != reads:
+            self.graphs.clear()  # keys made with other reads are stale
+            self._reads = (structure, reads)
         self.captures += 1
-        self.graphs[key] = graph
+        self.graphs[self.key(inputs, persistent, structure, extra)] = graph
         self._replay(graph, generators)
         return self.outputs
 
@@ -187,7 +203,7 @@ class StepGraph:
         generators: Sequence[torch.Generator],
         inputs: Sequence[Tensor],
         persistent: Sequence[Tensor],
-    ) -> Any:
+    ) -> tuple[Any, list[int]] | None:
         assert self.outputs is not None
         graph = torch.cuda.CUDAGraph()
         mirrors = self._mirror(generators)
@@ -221,10 +237,14 @@ class StepGraph:
         if strangers:
             self.disable(f"unsafe capture: {len(strangers)} tensor(s) read from outside the batch")
             return None
-        return graph
+        reads = [
+            i for i, t in enumerate(persistent) if t.numel() and _storage(t) in tracker.external
+        ]
+        return graph, reads
 
     def disable(self, reason: str) -> None:
         self.graphs.clear()
+        self._reads = None
         self.outputs = None
         self.disabled = reason
 

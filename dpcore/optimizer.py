@@ -44,26 +44,74 @@ NoiseHook = Callable[[dict[str, Tensor], int], None]
 StepHook = Callable[["DPOptimizer"], None]
 
 
-def _module_tensors(module: nn.Module) -> tuple[list[nn.Parameter], list[Tensor]]:
-    """Every parameter and buffer of ``module`` (each once), like ``parameters()`` and
-    ``buffers()``, in one flat walk instead of torch's named, recursive generators (this
-    runs at every step; a PEFT-wrapped GPT-2 has ~650 modules)."""
-    params: dict[int, nn.Parameter] = {}
-    buffers: dict[int, Tensor] = {}
-    stack, seen = [module], set()
-    while stack:
-        m = stack.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        for p in m._parameters.values():
-            if p is not None:
-                params.setdefault(id(p), p)
-        for b in m._buffers.values():
-            if b is not None:
-                buffers.setdefault(id(b), b)
-        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-    return list(params.values()), list(buffers.values())
+#: modules, parameters and buffers registered anywhere in this process so far (counted by
+#: torch's global registration hooks once a DP optimizer watches a model)
+_registrations = 0
+_watching = False
+
+
+def _count_registration(*_: Any) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def _watch_registrations() -> None:
+    global _watching
+    if not _watching:
+        from torch.nn.modules import module as torch_module
+
+        torch_module.register_module_parameter_registration_hook(_count_registration)
+        torch_module.register_module_buffer_registration_hook(_count_registration)
+        torch_module.register_module_module_registration_hook(_count_registration)
+        _watching = True
+
+
+class _ModelTensors:
+    """Every parameter and buffer of a model (each once), walked again only when the model
+    may have changed: something was registered (``setattr`` of a parameter, buffer or
+    module, ``register_*``, ``add_module``: how PEFT adds adapters), or a slot walked
+    before no longer holds its tensor (a direct write to ``module._parameters``, as
+    accelerate does). ``requires_grad`` is read afresh by the callers.
+
+    A step needs this list twice (coverage check, CUDA-graph key); walking a PEFT-wrapped
+    GPT-2's ~650 modules at every step cost more host time than the rest of the step.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        _watch_registrations()
+        self.module = module
+        #: changes whenever the lists are walked anew
+        self.version = 0
+        self._seen = -1
+        self._slots: list[tuple[dict[str, Any], str, Tensor]] = []
+        self.params: list[nn.Parameter] = []
+        self.buffers: list[Tensor] = []
+
+    def current(self) -> tuple[list[nn.Parameter], list[Tensor]]:
+        if self._seen != _registrations or any(d.get(n) is not t for d, n, t in self._slots):
+            self._walk()
+        return self.params, self.buffers
+
+    def _walk(self) -> None:
+        self._seen = _registrations
+        params: dict[int, nn.Parameter] = {}
+        buffers: dict[int, Tensor] = {}
+        slots: list[tuple[dict[str, Any], str, Tensor]] = []
+        stack, seen = [self.module], set()
+        while stack:
+            m = stack.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            for table, found in ((m._parameters, params), (m._buffers, buffers)):
+                for name, t in table.items():
+                    if t is not None:
+                        found.setdefault(id(t), t)  # type: ignore[arg-type]
+                        slots.append((table, name, t))
+            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+        self.params, self.buffers = list(params.values()), list(buffers.values())
+        self._slots = slots
+        self.version += 1
 
 
 def _dense_gradients(
@@ -159,6 +207,7 @@ class DPOptimizer(Optimizer):
         self._names_by_id: dict[int, str] = {}
         #: the private model, to find parameters created, replaced or unfrozen after attach
         self._module = module
+        self._model_tensors = _ModelTensors(module) if module is not None else None
         if module is not None:
             self._names_by_id = {id(p): n for n, p in module.named_parameters()}
         self._names_by_id.update({id(p): n for n, p in grad_sampler.named_parameters().items()})
@@ -269,9 +318,12 @@ class DPOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._covered_trainable()
-        # one walk of the model per step serves the graph key and the coverage check
-        walked = _module_tensors(self._module) if self._module is not None else None
-        graphed = None if self._skip_next else self._graphed_private_gradient(params, walked)
+        walked = self._model_tensors.current() if self._model_tensors is not None else None
+        batches = max(1, self.logical_batches)
+        scale = 1.0 / (self.expected_batch_size * batches) if self.loss_reduction == "mean" else 1.0
+        # noise hooks see the noised sum before the scale: then it cannot be replayed with it
+        fold = 1.0 if self._noise_hooks else scale
+        graphed = None if self._skip_next else self._graphed_private_gradient(params, walked, fold)
         if graphed is None:
             self.flush()
         self._check_coverage(params, walked)
@@ -281,7 +333,6 @@ class DPOptimizer(Optimizer):
             return loss
         self._last_step_skipped = False
 
-        batches = max(1, self.logical_batches)
         if self.max_batches_per_step is not None and batches > self.max_batches_per_step:
             raise PrivacyEngineError(
                 f"this step aggregates {batches} batches drawn from the data loader, but the "
@@ -292,13 +343,14 @@ class DPOptimizer(Optimizer):
         grads = graphed if graphed is not None else self._private_gradient(params)
         for fn in self._noise_hooks:
             fn(grads, self.steps)
-        scale = 1.0 / (self.expected_batch_size * batches) if self.loss_reduction == "mean" else 1.0
         self._zero_grad_witness = None
-        if scale != 1.0 and grads:
+        if scale != 1.0 and grads and (graphed is None or fold == 1.0):
             torch._foreach_mul_([grads[name] for name in params], scale)
         for name, p in params.items():
             g = grads[name]
-            p.grad = (g if g.dtype == p.dtype else g.to(dtype=p.dtype)).view_as(p)
+            if g.dtype != p.dtype:
+                g = g.to(dtype=p.dtype)
+            p.grad = g if g.shape == p.shape else g.view_as(p)
             if self._zero_grad_witness is None:
                 self._zero_grad_witness = (p, p.grad)
         self.clipper.end_step(
@@ -334,9 +386,10 @@ class DPOptimizer(Optimizer):
         self,
         params: Mapping[str, nn.Parameter],
         walked: tuple[list[nn.Parameter], list[Tensor]] | None,
+        scale: float,
     ) -> dict[str, Tensor] | None:
-        """Flush and noise of a step with one backward pass, replayed from a CUDA graph
-        (:mod:`dpcore.graphs`); None: the step runs eagerly."""
+        """Flush, noise and ``scale`` of a step with one backward pass, replayed from a CUDA
+        graph (:mod:`dpcore.graphs`); None: the step runs eagerly."""
         gs, gen = self.grad_sampler, self.noise_generator
         if (
             not self.cuda_graphs
@@ -362,27 +415,27 @@ class DPOptimizer(Optimizer):
         self._check_zero_grad_called()
         std = self._noise_std()
         persistent = [*walked[0], *walked[1]] if walked is not None else [*params.values()]
-        key = StepGraph.make_key(
-            inputs,
-            persistent,
-            (
-                std,
-                tuple(params),
-                repr(self.clipper.state_dict()),
-                repr(self.noise.state_dict()),
-                batch,
-            ),
+        structure = self._model_tensors.version if self._model_tensors is not None else 0
+        extra = (
+            std,
+            scale,
+            tuple(params),
+            repr(self.clipper.state_dict()),
+            repr(self.noise.state_dict()),
+            batch,
         )
 
         def compute(generators: Sequence[torch.Generator]) -> dict[str, Tensor]:
             sums = gs.clipped_sums(self.clipper.clip_factors(gs.per_sample_sq_norms()))
             grads = _dense_gradients(sums, params)
             self.noise.add_noise(grads, std=std, generator=generators[0])
+            if scale != 1.0:  # the same kernel the eager step runs after the noise
+                torch._foreach_mul_(list(grads.values()), scale)
             return grads
 
         generators = [gen]
         shapes = {name: (p.shape, p.device) for name, p in params.items()}
-        out = self._graph.run(key, inputs, persistent, compute, generators, shapes)
+        out = self._graph.run(inputs, persistent, structure, extra, compute, generators, shapes)
         if out is None:
             restore()
             return None

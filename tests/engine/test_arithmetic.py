@@ -164,14 +164,58 @@ def test_noise_std_uses_the_clippers_noise_multiplier_and_sensitivity():
     assert sd == pytest.approx(2 * 0.5 * 3.0, rel=4 / math.sqrt(2000))
 
 
-def test_module_tensors_walks_like_parameters_and_buffers() -> None:
-    from dpcore.optimizer import _module_tensors
+def _same_tensors(found: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
+    return len(found) == len(expected) and {id(t) for t in found} == {id(t) for t in expected}
+
+
+def test_model_tensors_walk_like_parameters_and_buffers() -> None:
+    from dpcore.optimizer import _ModelTensors
 
     shared = nn.Linear(2, 2)
     model = nn.Sequential(shared, nn.BatchNorm1d(2), nn.Sequential(shared, nn.Linear(2, 3)))
     model.register_parameter("loose", nn.Parameter(torch.zeros(1)))
-    params, buffers = _module_tensors(model)
-    assert {id(p) for p in params} == {id(p) for p in model.parameters()}
-    assert len(params) == len(list(model.parameters()))
-    assert {id(b) for b in buffers} == {id(b) for b in model.buffers()}
-    assert len(buffers) == len(list(model.buffers()))
+    params, buffers = _ModelTensors(model).current()
+    assert _same_tensors(params, list(model.parameters()))
+    assert _same_tensors(buffers, list(model.buffers()))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "setattr_parameter",
+        "register_buffer",
+        "add_module",
+        "module_dict_item",
+        "direct_parameter_slot",
+        "direct_buffer_slot",
+        "delete_and_setattr",
+    ],
+)
+def test_model_tensors_follow_every_change_of_the_model(change: str) -> None:
+    """The walk is cached; any way a model's tensors change makes the next call walk anew."""
+    from dpcore.optimizer import _ModelTensors
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.ModuleDict())
+    tensors = _ModelTensors(model)
+    tensors.current()
+    tensors.current()
+    assert tensors.version == 1  # unchanged: walked once
+    if change == "setattr_parameter":
+        model[0].weight = nn.Parameter(torch.zeros(2, 2))
+    elif change == "register_buffer":
+        model[0].register_buffer("extra", torch.zeros(1))
+    elif change == "add_module":
+        model.add_module("late", nn.Linear(2, 1))
+    elif change == "module_dict_item":
+        model[2]["adapter"] = nn.Linear(2, 2)  # how PEFT adds an adapter
+    elif change == "direct_parameter_slot":
+        model[0]._parameters["weight"] = nn.Parameter(torch.zeros(2, 2))  # as accelerate does
+    elif change == "direct_buffer_slot":
+        model[1]._buffers["running_mean"] = torch.ones(2)
+    elif change == "delete_and_setattr":
+        del model[0].bias
+        model[0].bias = nn.Parameter(torch.zeros(2))
+    params, buffers = tensors.current()
+    assert tensors.version == 2
+    assert _same_tensors(params, list(model.parameters()))
+    assert _same_tensors(buffers, list(model.buffers()))

@@ -217,3 +217,46 @@ def test_restore_undoes_a_partial_flush_on_cpu():
     assert first.keys() == again.keys()
     for name in first:
         assert torch.equal(first[name], again[name]), name
+
+
+class _BufferBoundClipper(FlatClipper):
+    """Reads its bound from a buffer of the model: a read the graph key must follow."""
+
+    def __init__(self) -> None:
+        super().__init__(max_grad_norm=0.5, parameter_names=[])
+        self.model: nn.Module | None = None
+
+    def clip_factors(self, sq_norms):
+        total = torch.stack(list(sq_norms.values())).sum(0).sqrt()
+        factor = (self.model.bound / (total + 1e-6)).clamp(max=1.0)
+        return {name: factor for name in sq_norms}
+
+
+@cuda
+@pytest.mark.gpu
+def test_a_model_tensor_the_graph_reads_is_followed_when_it_moves():
+    """A capture that reads a model buffer replays only while that buffer stays where it
+    was: moving it (``.data =``, the old storage kept alive and unchanged) captures anew."""
+    kept = []
+
+    def schedule(opt, i):
+        model = opt._module
+        if i == 0:
+            model.register_buffer("bound", torch.tensor(0.5, device="cuda"))
+            opt.clipper.model = model
+        if i == 6:
+            kept.append(model.bound.data)
+            model.bound.data = torch.tensor(0.05, device="cuda")
+        if i == 9:
+            model.bound.fill_(0.3)  # in place: same address, the replay reads the new value
+
+    eager, _ = _train("lm", False, [8] * 12, clipper=_BufferBoundClipper(), before_step=schedule)
+    graphed, opt = _train("lm", True, [8] * 12, clipper=_BufferBoundClipper(), before_step=schedule)
+    graph = opt._graph
+    assert graph.disabled is None, graph.disabled
+    assert graph.captures >= 2 and graph.replays - graph.captures >= 3, (
+        graph.captures,
+        graph.replays,
+    )
+    assert graph._reads is not None and len(graph._reads[1]) == 1  # the buffer, nothing else
+    _assert_same(eager, graphed)

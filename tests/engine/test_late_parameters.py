@@ -12,25 +12,34 @@ import dpcore
 from dpcore.errors import PrivacyEngineError
 
 
-def _run(mode: str, change) -> None:  # type: ignore[no-untyped-def]
+def _run(mode: str, change, after_steps: int = 0) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     model[0].bias.requires_grad_(False)
-    data = TensorDataset(torch.randn(8, 3), torch.randn(8, 2))
+    data = TensorDataset(
+        torch.randn(8 * (after_steps + 1), 3), torch.randn(8 * (after_steps + 1), 2)
+    )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     engine = dpcore.PrivacyEngine(accountant="rdp")
     model, opt, loader = engine.make_private(
         module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=8),
         noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, seed=0,
     )  # fmt: skip
-    change(model)
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
+        if i == after_steps:
+            change(model)
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
+        opt.zero_grad()
 
 
 def _replace(model: nn.Module) -> None:
     model[2].weight = nn.Parameter(torch.zeros_like(model[2].weight))
+
+
+def _replace_slot(model: nn.Module) -> None:
+    """Past the module API, as accelerate's ``set_module_tensor_to_device`` does."""
+    model[2]._parameters["weight"] = nn.Parameter(torch.zeros_like(model[2].weight))
 
 
 def _unfreeze(model: nn.Module) -> None:
@@ -43,10 +52,24 @@ def test_replaced_parameter_is_refused_by_name(mode: str) -> None:
         _run(mode, _replace)
 
 
+@pytest.mark.parametrize("mode", ["hooks", "bk", "ghost", "functorch"])
+@pytest.mark.parametrize("after_steps", [0, 2])
+def test_parameter_replaced_in_its_slot_is_refused_by_name(mode: str, after_steps: int) -> None:
+    with pytest.raises(PrivacyEngineError, match=r"'2\.weight'"):
+        _run(mode, _replace_slot, after_steps)
+
+
 @pytest.mark.parametrize("mode", ["hooks", "bk"])
-def test_parameter_unfrozen_later_is_refused_by_name(mode: str) -> None:
+def test_replaced_after_some_steps_is_refused_by_name(mode: str) -> None:
+    with pytest.raises(PrivacyEngineError, match=r"'2\.weight'"):
+        _run(mode, _replace, after_steps=2)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+@pytest.mark.parametrize("after_steps", [0, 2])
+def test_parameter_unfrozen_later_is_refused_by_name(mode: str, after_steps: int) -> None:
     with pytest.raises(PrivacyEngineError, match=r"'0\.bias'"):
-        _run(mode, _unfreeze)
+        _run(mode, _unfreeze, after_steps)
 
 
 def test_unchanged_model_steps() -> None:
