@@ -33,6 +33,7 @@ graph, so a failed capture cannot leave it unusable).
 
 from __future__ import annotations
 
+import gc
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -115,8 +116,14 @@ class StepGraph:
         is unchanged) only those the captured kernels read count, once a capture has
         shown which (typically none: the arithmetic reads only the recorded tensors)."""
         reads = self._reads[1] if self._reads is not None and self._reads[0] == structure else None
-        chosen = [*inputs, *(persistent if reads is None else [persistent[i] for i in reads])]
-        return tuple(t.data_ptr() for t in chosen), tuple(map(_layout, chosen)), structure, extra
+        chosen = persistent if reads is None else [persistent[i] for i in reads]
+        return (
+            tuple(t.data_ptr() for t in (*inputs, *chosen)),
+            tuple(map(_layout, inputs)),
+            tuple(map(_layout, chosen)),
+            structure,
+            extra,
+        )
 
     def run(
         self,
@@ -142,7 +149,7 @@ class StepGraph:
             self.graphs.move_to_end(key)
             self._misses = self._changes = 0
             return self.outputs
-        shapes = key[1:]
+        shapes = (key[1], key[3], key[4])  # the batch's shapes, not the model's addresses
         if shapes != self._last_shapes:
             self._last_shapes = shapes
             self._changes += 1
@@ -213,6 +220,10 @@ class StepGraph:
         side = _capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         names = list(self.outputs)
+        # a garbage collection inside the capture may free a tensor of another stream,
+        # whose event calls invalidate the capture (torch.cuda.graph collects first for that)
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             with torch.cuda.stream(side):
                 graph.capture_begin(pool=self._pool)
@@ -231,6 +242,9 @@ class StepGraph:
             self._generators = []
             self.disable(f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
             return None
+        finally:
+            if collecting:
+                gc.enable()
         torch.cuda.current_stream().wait_stream(side)
         allowed = {_storage(t) for t in (*inputs, *persistent, *self.outputs.values()) if t.numel()}
         strangers = tracker.external - allowed

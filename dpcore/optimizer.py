@@ -80,7 +80,7 @@ class _ModelTensors:
     def __init__(self, module: nn.Module) -> None:
         _watch_registrations()
         self.module = module
-        #: changes whenever the lists are walked anew
+        #: changes whenever a new walk finds other tensors
         self.version = 0
         self._seen = -1
         self._slots: list[tuple[dict[str, Any], str, Tensor]] = []
@@ -109,9 +109,17 @@ class _ModelTensors:
                         found.setdefault(id(t), t)  # type: ignore[arg-type]
                         slots.append((table, name, t))
             stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-        self.params, self.buffers = list(params.values()), list(buffers.values())
         self._slots = slots
-        self.version += 1
+        new_params, new_buffers = list(params.values()), list(buffers.values())
+        # a registration that changed nothing here (another model built, a parameter
+        # swapped in and back by torch.func.functional_call) keeps the version
+        if not (_same(new_params, self.params) and _same(new_buffers, self.buffers)):
+            self.params, self.buffers = new_params, new_buffers
+            self.version += 1
+
+
+def _same(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _dense_gradients(

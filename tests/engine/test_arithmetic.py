@@ -219,3 +219,19 @@ def test_model_tensors_follow_every_change_of_the_model(change: str) -> None:
     assert tensors.version == 2
     assert _same_tensors(params, list(model.parameters()))
     assert _same_tensors(buffers, list(model.buffers()))
+
+
+def test_model_tensors_keep_their_version_when_the_model_did_not_change() -> None:
+    """Registrations elsewhere (another model built, functional_call swapping a tensor in
+    and back) walk again but find the same tensors: CUDA graphs keyed on the version
+    keep replaying."""
+    from dpcore.optimizer import _ModelTensors
+
+    model = nn.Linear(2, 2)
+    tensors = _ModelTensors(model)
+    tensors.current()
+    nn.Linear(3, 3)
+    torch.func.functional_call(model, {"weight": torch.zeros(2, 2)}, (torch.ones(1, 2),))
+    params, _ = tensors.current()
+    assert tensors.version == 1
+    assert _same_tensors(params, list(model.parameters()))
