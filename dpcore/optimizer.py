@@ -118,7 +118,7 @@ class _ModelTensors:
             self.version += 1
 
 
-def _same(a: list[Tensor], b: list[Tensor]) -> bool:
+def _same(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
