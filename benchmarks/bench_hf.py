@@ -308,10 +308,14 @@ def main() -> None:
     print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        def flag(k: str, v: Any) -> str:
+            name = f"--{k.replace('_', '-')}"
+            if isinstance(v, bool):
+                return name
+            return f"{name} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+
         command = "python benchmarks/bench_hf.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k}"
-            for k, v in vars(args).items()
-            if v not in (None, False) and k != "out"
+            flag(k, v) for k, v in vars(args).items() if v not in (None, False) and k != "out"
         )
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
         args.out.with_suffix(".md").write_text(f"`{command}`\n\n{table}\n")
