@@ -218,7 +218,9 @@ def measure(
         graph = getattr(getattr(step, "optimizer", None), "_graph", None)
         if graph is not None:  # did the clip-and-noise stage replay from CUDA graphs?
             row["cuda_graphs"] = {
-                "captures": graph.captures, "replays": graph.replays, "off": graph.disabled
+                "captures": graph.captures,
+                "replays": graph.replays,
+                "off": graph.disabled,
             }
 
 
@@ -308,6 +310,7 @@ def main() -> None:
     print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+
         def flag(k: str, v: Any) -> str:
             name = f"--{k.replace('_', '-')}"
             if isinstance(v, bool):
