@@ -336,6 +336,7 @@ def run_one(
                 samples_per_s=round(w.batch / median * 1e3, 1),
                 peak_mem_gib=_peak_gib(device),
                 step_ms_spread=[round(min(times), 3), round(max(times), 3)],
+                times=times,
             )
             graphs = graph_stats(step)
             if graphs is not None:
@@ -350,6 +351,29 @@ def run_one(
             model = step = x = y = None  # type: ignore[assignment]
     if row["peak_mem_gib"] is not None:
         row["peak_mem_gib"] = round(row["peak_mem_gib"], 4)
+    return row
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a mode's sweeps: the median of all their timed steps, the largest peak
+    memory, and each sweep's median (``step_ms_runs``); the first error, if any failed."""
+    failed = [r for r in runs if "error" in r]
+    row = dict(failed[0] if failed else runs[0])
+    times = [t for r in runs for t in r.pop("times", [])] if not failed else []
+    row.pop("times", None)
+    if times:
+        median = statistics.median(times)
+        row.update(
+            step_ms=round(median, 3),
+            samples_per_s=round(row["batch"] / median * 1e3, 1),
+            peak_mem_gib=max(r["peak_mem_gib"] for r in runs) if row["peak_mem_gib"] else None,
+            step_ms_spread=[round(min(times), 3), round(max(times), 3)],
+        )
+        if len(runs) > 1:
+            row["step_ms_runs"] = [r["step_ms"] for r in runs]
+            graphs = [r["cuda_graphs"] for r in runs if "cuda_graphs" in r]
+            if graphs:
+                row["cuda_graphs"] = graphs
     return row
 
 
@@ -423,6 +447,12 @@ def main(
     device_name: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", "--device"),
     warmup: int = typer.Option(5, help="untimed steps first"),
     steps: int = typer.Option(20, help="timed steps (median reported)"),
+    repeat: int = typer.Option(
+        1,
+        help="sweeps over the modes of each model (each mode built and timed afresh per sweep, "
+        "so that a drifting machine slows every mode alike); a row's time is the median of all "
+        "its timed steps, `step_ms_runs` the median of each sweep",
+    ),
     out: Path | None = typer.Option(None, help="write OUT.json and OUT.md"),
 ) -> None:
     device = torch.device(device_name)
@@ -432,8 +462,15 @@ def main(
     for name in models:
         w = suite[name]
         for dtype in dtypes or (["fp32", "bf16"] if w.sequence else ["fp32"]):
-            for mode, setup in chosen.items():
-                row = run_one(w, mode, setup, device, dtype, warmup, steps)
+            sweeps = [
+                {
+                    mode: run_one(w, mode, setup, device, dtype, warmup, steps)
+                    for mode, setup in chosen.items()
+                }
+                for _ in range(max(1, repeat))
+            ]
+            for mode in chosen:
+                row = pooled([sweep[mode] for sweep in sweeps])
                 rows.append(row)
                 status = row.get("error") or f"{row['step_ms']} ms, {row['peak_mem_gib']} GiB"
                 console.print(f"{name:4} {dtype:5} {mode:18} {status}")
@@ -448,6 +485,7 @@ def main(
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "warmup": warmup,
             "steps": steps,
+            "repeat": repeat,
             "noise_multiplier": NOISE,
             "max_grad_norm": CLIP,
         }
