@@ -27,6 +27,7 @@ schedulers, ``optimizer.param_groups[0]["lr"] = ...`` and the inner optimizer's
 from __future__ import annotations
 
 import math
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -69,12 +70,15 @@ def _watch_registrations() -> None:
 class _ModelTensors:
     """Every parameter and buffer of a model (each once), walked again only when the model
     may have changed: something was registered (``setattr`` of a parameter, buffer or
-    module, ``register_*``, ``add_module``: how PEFT adds adapters), or a slot walked
-    before no longer holds its tensor (a direct write to ``module._parameters``, as
-    accelerate does). ``requires_grad`` is read afresh by the callers.
+    module, ``register_*``, ``add_module``: how PEFT adds adapters), or a table of a module
+    walked before changed past the module API (a direct write to ``module._parameters``,
+    ``_buffers`` or ``_modules``, as accelerate does: an entry no longer holds what it held,
+    or the tables hold more or fewer entries). ``requires_grad`` is read afresh by the
+    callers.
 
     A step needs this list twice (coverage check, CUDA-graph key); walking a PEFT-wrapped
-    GPT-2's ~650 modules at every step cost more host time than the rest of the step.
+    GPT-2's ~650 modules at every step cost more host time than the rest of the step. The
+    checks of the tables run in C (``map``), about a tenth of a walk.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -83,12 +87,24 @@ class _ModelTensors:
         #: changes whenever a new walk finds other tensors
         self.version = 0
         self._seen = -1
-        self._slots: list[tuple[dict[str, Any], str, Tensor]] = []
+        self._tables: list[dict[str, Any]] = []  # every table of every module walked
+        self._entries = 0  # how many entries they held
+        # each entry as three aligned lists: its table, its name, what it held (None too)
+        self._owners: list[dict[str, Any]] = []
+        self._names: list[str] = []
+        self._held: list[Any] = []
         self.params: list[nn.Parameter] = []
         self.buffers: list[Tensor] = []
 
+    def _changed(self) -> bool:
+        return (
+            self._seen != _registrations
+            or sum(map(len, self._tables)) != self._entries
+            or any(map(operator.is_not, map(dict.get, self._owners, self._names), self._held))
+        )
+
     def current(self) -> tuple[list[nn.Parameter], list[Tensor]]:
-        if self._seen != _registrations or any(d.get(n) is not t for d, n, t in self._slots):
+        if self._changed():
             self._walk()
         return self.params, self.buffers
 
@@ -96,20 +112,31 @@ class _ModelTensors:
         self._seen = _registrations
         params: dict[int, nn.Parameter] = {}
         buffers: dict[int, Tensor] = {}
-        slots: list[tuple[dict[str, Any], str, Tensor]] = []
+        tables: list[dict[str, Any]] = []
+        owners: list[dict[str, Any]] = []
+        names: list[str] = []
+        held: list[Any] = []
         stack, seen = [self.module], set()
         while stack:
             m = stack.pop()
             if id(m) in seen:
                 continue
             seen.add(id(m))
-            for table, found in ((m._parameters, params), (m._buffers, buffers)):
+            for table, found in (
+                (m._parameters, params),
+                (m._buffers, buffers),
+                (m._modules, None),
+            ):
+                tables.append(table)
                 for name, t in table.items():
-                    if t is not None:
+                    owners.append(table)
+                    names.append(name)
+                    held.append(t)
+                    if found is not None and t is not None:
                         found.setdefault(id(t), t)  # type: ignore[arg-type]
-                        slots.append((table, name, t))
             stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-        self._slots = slots
+        self._tables, self._entries = tables, len(owners)
+        self._owners, self._names, self._held = owners, names, held
         new_params, new_buffers = list(params.values()), list(buffers.values())
         # a registration that changed nothing here (another model built, a parameter
         # swapped in and back by torch.func.functional_call) keeps the version

@@ -189,13 +189,20 @@ def test_model_tensors_walk_like_parameters_and_buffers() -> None:
         "direct_parameter_slot",
         "direct_buffer_slot",
         "delete_and_setattr",
+        "direct_new_parameter_name",
+        "direct_new_buffer_name",
+        "direct_module_slot",
+        "direct_empty_slot",
     ],
 )
 def test_model_tensors_follow_every_change_of_the_model(change: str) -> None:
     """The walk is cached; any way a model's tensors change makes the next call walk anew."""
     from dpcore.optimizer import _ModelTensors
 
-    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.ModuleDict())
+    model = nn.Sequential(
+        nn.Linear(2, 2), nn.BatchNorm1d(2), nn.ModuleDict(), nn.Linear(2, 2, bias=False)
+    )
+    prebuilt = nn.Linear(2, 1)  # registered before the walk: no hook fires when it is added
     tensors = _ModelTensors(model)
     tensors.current()
     tensors.current()
@@ -215,6 +222,15 @@ def test_model_tensors_follow_every_change_of_the_model(change: str) -> None:
     elif change == "delete_and_setattr":
         del model[0].bias
         model[0].bias = nn.Parameter(torch.zeros(2))
+    # past the module API and past every registration hook:
+    elif change == "direct_new_parameter_name":
+        model[0]._parameters["scale"] = nn.Parameter(torch.ones(1))
+    elif change == "direct_new_buffer_name":
+        model[1]._buffers["extra"] = torch.ones(1)
+    elif change == "direct_module_slot":
+        model[2]._modules["adapter"] = prebuilt
+    elif change == "direct_empty_slot":
+        model[3]._parameters["bias"] = nn.Parameter(torch.zeros(2))
     params, buffers = tensors.current()
     assert tensors.version == 2
     assert _same_tensors(params, list(model.parameters()))

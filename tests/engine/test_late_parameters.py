@@ -72,6 +72,52 @@ def test_parameter_unfrozen_later_is_refused_by_name(mode: str, after_steps: int
         _run(mode, _unfreeze, after_steps)
 
 
+def _add_slot(model: nn.Module) -> None:
+    """A new name written straight into a module's table: no registration hook sees it."""
+    model[2]._parameters["scale"] = nn.Parameter(torch.ones(2))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk", "ghost", "functorch"])
+@pytest.mark.parametrize("after_steps", [0, 2])
+def test_parameter_added_past_the_module_api_is_refused_by_name(
+    mode: str, after_steps: int
+) -> None:
+    with pytest.raises(PrivacyEngineError, match=r"'2\.scale'"):
+        _run(mode, _add_slot, after_steps)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk", "ghost", "functorch"])
+@pytest.mark.parametrize("after_steps", [0, 2])
+def test_module_added_past_the_module_api_is_refused_by_name(mode: str, after_steps: int) -> None:
+    extra = nn.Linear(2, 2)  # built before make_private: its registrations are long past
+
+    def add(model: nn.Module) -> None:
+        model[2]._modules["extra"] = extra
+
+    with pytest.raises(PrivacyEngineError, match=r"'2\.extra\.weight'"):
+        _run(mode, add, after_steps)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_empty_slot_filled_after_some_steps_is_refused_by_name(mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2, bias=False))
+    data = TensorDataset(torch.randn(24, 3), torch.randn(24, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = dpcore.PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, seed=0,
+    )  # fmt: skip
+    with pytest.raises(PrivacyEngineError, match=r"'0\.bias'"):
+        for i, (x, y) in enumerate(loader):
+            if i == 2:
+                model[0]._parameters["bias"] = nn.Parameter(torch.zeros(2))
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+
 def test_unchanged_model_steps() -> None:
     _run("bk", lambda model: None)
 
